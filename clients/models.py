@@ -1,0 +1,97 @@
+"""Request and response bodies of the objective server's API, shared by the server and the client."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Split = Literal["train", "validation"]
+
+
+class LossPostBody(BaseModel):
+    """POST /losses: one rank's per-configuration mean losses and token counts for one step."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    run: str
+    step: int = Field(ge=0)
+    rank: int = Field(0, ge=0)
+    world_size: int = Field(1, ge=1)
+    split: Split = "train"
+    losses: dict[str, float]
+    tokens: dict[str, int]
+
+
+class LossPostResponse(BaseModel):
+    status: Literal["accepted", "duplicate"]
+    ranks_posted: int
+    world_size: int
+    completed: bool = False  # this post completed (split, step) across all ranks
+    policy_updated: bool = False  # and the policy consumed it
+    mixture_version: int | None = None  # the latest mixture version after this post
+
+
+class MixtureResponse(BaseModel):
+    run: str
+    policy: str
+    version: int
+    effective_step: int
+    max_served: int
+    probabilities: dict[str, float]
+    families: dict[str, float]
+    exploration: float | None = None
+    last_losses: dict[str, float] = Field(default_factory=dict)
+    rewards: dict[str, float] = Field(default_factory=dict)
+    predicted_reward: float | None = None
+    history_length: int = 0
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class MixtureRecordOut(BaseModel):
+    version: int
+    effective_step: int
+    created_at_step: int | None = None
+    probabilities: dict[str, float]
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class MixtureHistoryResponse(BaseModel):
+    run: str
+    timeline: list[tuple[int, int]]  # (effective_step, version)
+    mixtures: list[MixtureRecordOut]
+
+
+class ObjectiveInfo(BaseModel):
+    name: str
+    family: str
+    params: dict[str, Any]
+
+
+class RunSummary(BaseModel):
+    name: str
+    policy: str
+    objectives: int
+    seq_len: int
+    batch_size: int
+    mixture_version: int
+    max_served: int
+
+
+class RunInfo(BaseModel):
+    name: str
+    config: dict[str, Any]
+    objectives: list[ObjectiveInfo]
+    vocab_size: int
+    special_tokens: dict[str, int]
+    eval_steps: list[int]
+    mixture_version: int
+    max_served: int
+
+
+class RunList(BaseModel):
+    runs: list[RunSummary]
+
+
+class ErrorBody(BaseModel):
+    detail: Any

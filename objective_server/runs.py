@@ -1,0 +1,145 @@
+"""Run configuration: what one training job asks of the objective server.
+
+A run names its objective configurations (explicitly, or a preset) with initial probabilities, the
+batch shape, the seed, the mixture policy and its evaluation schedule. Once created, a run's config
+is stored fully resolved (every configuration spelled out), so presets may change without changing
+what an existing run serves.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from objective_server.objectives import Objective, parse_objective
+from objective_server.objectives.presets import preset as preset_arms
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# The paper's evaluation steps; every 1000 after the last one.
+BIRDIE_EVAL_STEPS = (10, 50, 250, 500, 1000, 1500, 2000)
+# Runs at least this long use the schedule as is; shorter runs scale it down.
+FULL_SCHEDULE_STEPS = 20_000
+
+
+class Arm(BaseModel):
+    """One objective configuration of the mixture and its initial probability."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: str  # the configuration's name; parse with `parse_objective`
+    probability: float = Field(ge=0)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _canonical(cls, value: Any) -> str:
+        return parse_objective(value).name
+
+
+class PolicyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "fixed"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=RUN_NAME_PATTERN)
+    preset: str | None = None
+    arms: list[Arm] = Field(default_factory=list)
+    seq_len: int = Field(2048, ge=64, le=131_072)
+    batch_size: int = Field(8, ge=1, le=4096)
+    seed: int = Field(0, ge=0)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    total_steps: int = Field(10_000, ge=1)
+    eval_steps: list[int] | None = None
+    validation_batches: int = Field(1, ge=1, le=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") and not data.get("arms"):
+            data = dict(data)
+            arms = preset_arms(data["preset"], seq_len=int(data.get("seq_len", 2048)))
+            data["arms"] = [{"objective": o.name, "probability": p} for o, p in arms]
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if not self.arms:
+            raise ValueError("a run needs `arms` (objective configurations) or a `preset`")
+        names = [a.objective for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError("objective configurations must be distinct")
+        if sum(a.probability for a in self.arms) <= 0:
+            raise ValueError("initial probabilities must not all be zero")
+        if self.eval_steps is not None:
+            if any(s < 1 for s in self.eval_steps) or sorted(set(self.eval_steps)) != self.eval_steps:
+                raise ValueError("eval_steps must be strictly increasing positive steps")
+        return self
+
+    @cached_property
+    def objectives(self) -> list[Objective]:
+        return [parse_objective(a.objective) for a in self.arms]
+
+    @property
+    def names(self) -> list[str]:
+        return [a.objective for a in self.arms]
+
+    @property
+    def initial_probabilities(self) -> list[float]:
+        total = sum(a.probability for a in self.arms)
+        return [a.probability / total for a in self.arms]
+
+    @property
+    def evaluation_steps(self) -> list[int]:
+        if self.eval_steps is not None:
+            return [s for s in self.eval_steps if s <= self.total_steps]
+        return evaluation_schedule(self.total_steps)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def stored(self) -> dict[str, Any]:
+        """The resolved, self-contained form kept in the run store."""
+        return self.model_dump(mode="json")
+
+
+def evaluation_schedule(total_steps: int) -> list[int]:
+    """Birdie's evaluation steps (10, 50, 250, 500, 1000, 1500, 2000, then every 1000), scaled
+    down proportionally for runs shorter than FULL_SCHEDULE_STEPS."""
+    steps = list(BIRDIE_EVAL_STEPS)
+    steps += range(3000, max(total_steps, FULL_SCHEDULE_STEPS) + 1, 1000)
+    scale = min(1.0, total_steps / FULL_SCHEDULE_STEPS)
+    scaled = sorted({max(1, round(s * scale)) for s in steps})
+    return [s for s in scaled if s <= total_steps]
+
+
+def load_run_configs(path: str | Path) -> list[RunConfig]:
+    """Runs from a YAML or TOML file: one run mapping, or `runs: [ ... ]`."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text)
+    else:
+        raise ValueError(f"{path}: run configs are .yaml, .yml or .toml")
+    runs = data.get("runs", [data]) if isinstance(data, dict) else None
+    if not isinstance(runs, list):
+        raise ValueError(f"{path}: expected a run mapping or `runs: [...]`")
+    return [RunConfig.model_validate(r) for r in runs]
+
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def preset_run_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(PRESET_DIR.glob("*.yaml"))}
