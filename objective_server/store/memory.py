@@ -136,7 +136,7 @@ class MemoryRunStore:
             state = self._run(run)
             count = len(state.mixture_bodies)
             index = count - 1 if version is None else version
-            if not (isinstance(index, int) and 0 <= index < count):
+            if isinstance(index, bool) or not (isinstance(index, int) and 0 <= index < count):
                 raise UnknownMixtureVersion(
                     f"run {run!r} has mixture versions 0..{count - 1}, not {version!r}"
                 )

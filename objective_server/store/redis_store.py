@@ -89,14 +89,15 @@ end
 return {served, unpack(redis.call('LRANGE', p .. 'timeline', 0, -1))}
 """
 
-# ARGV: prefix, version (-1: latest). Returns {'ok', version, effective, body} | {'missing', count} | false
+# ARGV: prefix, version ('latest' or a number; anything else is missing).
+# Returns {'ok', version, effective, body} | {'missing', count} | false
 _MIXTURE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local p = ARGV[1]
 local count = redis.call('LLEN', p .. 'mixtures')
-local version = tonumber(ARGV[2])
-if version < 0 then version = count - 1 end
-if version >= count then return {'missing', tostring(count)} end
+local version = count - 1
+if ARGV[2] ~= 'latest' then version = tonumber(ARGV[2]) end
+if not version or version < 0 or version >= count then return {'missing', tostring(count)} end
 return {'ok', tostring(version), redis.call('LINDEX', p .. 'timeline', version),
         redis.call('LINDEX', p .. 'mixtures', version)}
 """
@@ -229,7 +230,6 @@ class RedisRunStore:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             retry_on_error=[RedisConnectionError],
-            health_check_interval=0,
         )
         return cls(client, namespace)
 
@@ -304,9 +304,13 @@ class RedisRunStore:
         return _timeline(await self._run_script(self._mark_served, run, -1))
 
     async def mixture(self, run: str, version: int | None = None) -> MixtureRecord:
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
-            raise UnknownMixtureVersion(f"run {run!r} has no mixture version {version!r}")
-        result = await self._run_script(self._mixture, run, -1 if version is None else version)
+        if version is None:
+            requested = "latest"
+        elif isinstance(version, int) and not isinstance(version, bool):
+            requested = str(version)
+        else:
+            requested = "not-a-version"
+        result = await self._run_script(self._mixture, run, requested)
         if result[0] == b"missing":
             count = int(result[1])
             raise UnknownMixtureVersion(

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import uuid
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from objective_server.store import (
     Aggregate,
@@ -134,6 +137,7 @@ MISSING_RUN_CALLS = {
     "timeline": lambda s, r: s.timeline(r),
     "mixture": lambda s, r: s.mixture(r),
     "mixture_version": lambda s, r: s.mixture(r, 0),
+    "mixture_bad_version": lambda s, r: s.mixture(r, -5),
     "mixture_history": lambda s, r: s.mixture_history(r),
     "post_losses": lambda s, r: s.post_losses(r, post(0, 0)),
     "pending": lambda s, r: s.pending(r),
@@ -157,7 +161,7 @@ async def test_unknown_run_on_lock(store, run):
 
 
 async def test_unknown_mixture_version(store, run):
-    for version in (1, -1, 10**6):
+    for version in (1, -1, 10**6, True, "0"):
         with pytest.raises(UnknownMixtureVersion):
             await store.mixture(run, version)
 
@@ -454,3 +458,99 @@ async def test_lock_expires_and_a_late_release_frees_nothing(open_replica):
                 pass
     async with third.lock("r", wait_s=0.5):
         pass
+
+
+# --- random post sequences against a simple model ------------------------------------------------
+
+post_specs = st.lists(
+    st.tuples(
+        st.sampled_from(["train", "validation"]),
+        st.integers(0, 2),  # step
+        st.integers(0, 2),  # rank (modulo the world size)
+        st.sampled_from([0, 0, 0, 0, 1]),  # 1: a wrong world_size, which must conflict
+        st.dictionaries(
+            st.sampled_from(NAMES),
+            st.tuples(st.floats(0.0, 20.0, allow_subnormal=False), st.integers(0, 1000)),
+            max_size=3,
+        ),
+    ),
+    max_size=40,
+)
+world_sizes = st.fixed_dictionaries({(split, step): st.integers(1, 3) for split in ("train", "validation") for step in range(3)})
+
+
+class PostModel:
+    """The obvious implementation: remember everything, compute means with exact sums."""
+
+    def __init__(self):
+        self.world_size: dict[tuple[str, int], int] = {}
+        self.ranks: dict[tuple[str, int], set[int]] = {}
+        self.posts: dict[tuple[str, int], list[LossPost]] = {}
+        self.train_posts: list[LossPost] = []
+
+    def apply(self, p: LossPost):
+        """Returns "conflict", "duplicate", "accepted" or the completed (losses, tokens)."""
+        key = p.key
+        if self.world_size.setdefault(key, p.world_size) != p.world_size:
+            return "conflict"
+        if p.rank in self.ranks.setdefault(key, set()):
+            return "duplicate"
+        self.ranks[key].add(p.rank)
+        self.posts.setdefault(key, []).append(p)
+        if p.split == "train":
+            self.train_posts.append(p)
+        if len(self.ranks[key]) < p.world_size:
+            return "accepted"
+        return weighted(self.posts[key])
+
+
+def weighted(posts: list[LossPost]) -> tuple[dict[str, float], dict[str, int]]:
+    names = {name for p in posts for name in p.losses}
+    tokens = {n: sum(p.tokens.get(n, 0) for p in posts) for n in names}
+    losses = {
+        n: math.fsum(p.losses[n] * p.tokens[n] for p in posts if n in p.losses) / tokens[n]
+        for n in names
+        if tokens[n] > 0
+    }
+    return losses, tokens
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=post_specs, sizes=world_sizes)
+async def test_random_post_sequences_match_a_model_and_the_reference_store(store, specs, sizes):
+    reference = MemoryRunStore()  # for Redis: the two implementations must agree bit for bit
+    run = f"h{uuid.uuid4().hex}"  # hypothesis reseeds `random` per example
+    await store.create_run(run, CONFIG, INITIAL, b"")
+    await reference.create_run(run, CONFIG, INITIAL, b"")
+    model = PostModel()
+    completed = []
+    for split, step, rank, wrong, losses in specs:
+        world_size = sizes[(split, step)] + wrong
+        p = LossPost(step, rank % world_size, world_size, split,
+                     {n: v[0] for n, v in losses.items()}, {n: v[1] for n, v in losses.items()})
+        expected = model.apply(p)
+        event(expected if isinstance(expected, str) else "completed")
+        if expected == "conflict":
+            for s in (store, reference):
+                with pytest.raises(ConflictError):
+                    await s.post_losses(run, p)
+            continue
+        outcome = await store.post_losses(run, p)
+        assert outcome == await reference.post_losses(run, p)
+        assert outcome.duplicate == (expected == "duplicate")
+        assert (outcome.completed is None) == isinstance(expected, str)
+        if outcome.completed is not None:
+            assert outcome.completed.losses == pytest.approx(expected[0], rel=1e-12)
+            assert outcome.completed.tokens == expected[1]
+            completed.append(outcome.completed)
+    pending = await store.pending(run)
+    assert pending == await reference.pending(run)
+    assert pending == sorted(completed, key=lambda a: (a.step, a.split))
+    totals = await store.train_totals(run)
+    assert totals == await reference.train_totals(run)
+    losses, tokens = weighted(model.train_posts)
+    assert {n: t["tokens"] for n, t in totals.items()} == tokens
+    assert {n: t["mean_loss"] for n, t in totals.items() if t["mean_loss"] is not None} == pytest.approx(losses, rel=1e-12)
+    assert {n: t["posts"] for n, t in totals.items()} == {
+        n: sum(n in p.losses for p in model.train_posts) for n in tokens
+    }

@@ -1,0 +1,171 @@
+"""What only the Redis store has to show: durability across a crash, and clean failure while down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from objective_server.store import (
+    LossPost,
+    MemoryRunStore,
+    RedisRunStore,
+    StoreUnavailable,
+    open_store,
+)
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = {"objectives": ["ntp", "infill"], "seed": 1}
+INITIAL = [0.5, 0.5]
+
+
+def post(step, rank, world_size=2, split="validation", loss=2.0):
+    return LossPost(step, rank, world_size, split, {"ntp": loss, "infill": loss + 1}, {"ntp": 10, "infill": 5})
+
+
+@pytest.fixture
+async def store(redis_server):
+    store = open_store(redis_server.url)
+    yield store
+    await store.close()
+
+
+async def snapshot(store, run):
+    return (
+        await store.get_config(run),
+        await store.timeline(run),
+        await store.mixture_history(run),
+        await store.pending(run),
+        await store.policy_state(run),
+        await store.train_totals(run),
+    )
+
+
+@pytest.mark.parametrize("crash", ["kill", "restart"])
+async def test_state_survives_a_crash_and_restart_from_the_aof(redis_server, store, crash):
+    await store.create_run("r", CONFIG, INITIAL, b"\x00state")
+    await store.mark_served("r", 9)
+    await store.post_losses("r", post(10, 0, split="train"))
+    await store.post_losses("r", post(10, 1, split="train"))  # completes train 10
+    await store.post_losses("r", post(20, 0))  # validation 20 waits for rank 1
+    committed = await store.commit_policy("r", 0, b"state-1", [("train", 10)], [0.25, 0.75], {"m": 1}, 9)
+    await store.mark_served("r", 12)
+    before = await snapshot(store, "r")
+
+    if crash == "kill":
+        redis_server.kill()  # SIGKILL: only what is in the append-only file survives
+    else:
+        redis_server.stop()
+    redis_server.start()
+
+    # The same store object reconnects by itself.
+    assert await snapshot(store, "r") == before
+    assert (await store.mixture("r")).effective_step == committed.effective_step == 10
+    assert (await store.post_losses("r", post(10, 0, split="train"))).duplicate  # still remembered
+    assert (await store.post_losses("r", post(20, 0))).duplicate
+    outcome = await store.post_losses("r", post(20, 1, loss=4.0))
+    assert outcome.completed is not None
+    assert outcome.completed.losses == {"ntp": 3.0, "infill": 4.0}
+    assert (await store.commit_policy("r", 1, b"state-2", [("validation", 20)], None)).ok
+
+
+MISSING_BACKEND_CALLS = {
+    "ping": lambda s: s.ping(),
+    "create_run": lambda s: s.create_run("new", CONFIG, INITIAL, b""),
+    "list_runs": lambda s: s.list_runs(),
+    "get_config": lambda s: s.get_config("r"),
+    "mark_served": lambda s: s.mark_served("r", 5),
+    "timeline": lambda s: s.timeline("r"),
+    "mixture": lambda s: s.mixture("r"),
+    "mixture_history": lambda s: s.mixture_history("r"),
+    "post_losses": lambda s: s.post_losses("r", post(1, 0)),
+    "pending": lambda s: s.pending("r"),
+    "policy_state": lambda s: s.policy_state("r"),
+    "commit_policy": lambda s: s.commit_policy("r", 0, b"", [], None),
+    "train_totals": lambda s: s.train_totals("r"),
+}
+
+
+async def enter_lock(store):
+    async with store.lock("r", wait_s=0.5):
+        pass
+
+
+async def test_every_call_fails_fast_while_redis_is_down_and_works_after(redis_server, store):
+    await store.create_run("r", CONFIG, INITIAL, b"")
+    await store.post_losses("r", post(1, 0))
+    redis_server.stop()
+    calls = {**MISSING_BACKEND_CALLS, "lock": enter_lock}
+    for name, call in calls.items():
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await call(store)
+        assert time.monotonic() - started < 2.0, name
+    redis_server.start()
+    await store.ping()
+    assert await store.list_runs() == ["r"]
+    assert (await store.post_losses("r", post(1, 0))).duplicate  # the earlier post was kept
+    assert (await store.post_losses("r", post(1, 1))).completed is not None
+    await enter_lock(store)
+
+
+async def test_a_hung_redis_times_out_as_unavailable(redis_server, store):
+    await store.create_run("r", CONFIG, INITIAL, b"")
+    redis_server.pause()
+    try:
+        for call in (lambda: store.mark_served("r", 3), lambda: store.ping()):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await call()
+            assert time.monotonic() - started < 2.5
+    finally:
+        redis_server.resume()
+    # A timed-out script may have run once the server resumed; serving is idempotent anyway.
+    assert (await store.mark_served("r", 2)).max_served in (2, 3)
+
+
+async def test_a_store_can_open_while_redis_is_down(redis_server):
+    redis_server.stop()
+    store = open_store(redis_server.url)  # nothing connects yet
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        redis_server.start()
+        await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_keys_are_namespaced_per_run_and_namespaces_are_separate(redis_server):
+    first = RedisRunStore.from_url(redis_server.url, namespace="alpha")
+    second = RedisRunStore.from_url(redis_server.url, namespace="beta")
+    try:
+        await first.create_run("r", CONFIG, INITIAL, b"")
+        await first.post_losses("r", post(1, 0))
+        assert await second.list_runs() == []
+        await second.create_run("r", {"other": True}, [1.0], b"")
+        assert await first.get_config("r") == CONFIG
+    finally:
+        await first.close()
+        await second.close()
+    keys = redis.Redis.from_url(redis_server.url).keys("*")
+    assert keys and all(
+        k.startswith((b"alpha:run:{r}:", b"beta:run:{r}:")) or k in (b"alpha:runs", b"beta:runs")
+        for k in keys
+    )
+
+
+def test_open_store_picks_the_implementation():
+    assert isinstance(open_store(None), MemoryRunStore)
+    assert isinstance(open_store(""), MemoryRunStore)
+    assert isinstance(open_store("memory://"), MemoryRunStore)
+    redis_store = open_store("redis://127.0.0.1:1/0")
+    assert isinstance(redis_store, RedisRunStore)
+    asyncio.run(redis_store.close())
+    with pytest.raises(ValueError, match="store URL"):
+        open_store("postgres://x")
+    with pytest.raises(ValueError, match="namespace"):
+        RedisRunStore.from_url("redis://127.0.0.1:1/0", namespace="a{b}")
