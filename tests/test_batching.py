@@ -1,0 +1,149 @@
+"""Batch generation is a pure function of its address."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from objective_server.batching import generate_batch, row_windows, validation_batch, window_permutation
+from objective_server.objectives import parse_objective
+from objective_server.objectives.presets import preset
+from objective_server.special_tokens import SpecialTokens
+
+SPECIAL = SpecialTokens.default()
+FIRST_TEXT_ID = 1000
+# A corpus whose every token is distinct, so the tokens of a batch say which corpus positions it read.
+CORPUS = np.arange(FIRST_TEXT_ID, FIRST_TEXT_ID + 64 * 256, dtype=np.uint32)
+
+
+def ntp_batch(step, rank=0, world_size=1, batch_size=4, seq_len=256, seed=0, tokens=CORPUS):
+    ntp = parse_objective({"family": "next_token", "length": seq_len})
+    return generate_batch([ntp], [1.0], tokens, SPECIAL, seed=seed, batch_size=batch_size,
+                          seq_len=seq_len, rank=rank, world_size=world_size, step=step)
+
+
+def text_tokens(batch):
+    labels = batch.label_ids[batch.label_ids >= FIRST_TEXT_ID]
+    return set(labels.tolist())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 17, 64, 1000, 4099])
+def test_window_permutation_is_a_bijection(n):
+    out = window_permutation(np.arange(n), n, key=12345)
+    assert sorted(out.tolist()) == list(range(n))
+    other = window_permutation(np.arange(n), n, key=999)
+    if n > 16:
+        assert not np.array_equal(out, other)  # the key matters
+
+
+def test_same_address_gives_identical_batch_and_other_addresses_differ():
+    arms = preset("birdie", seq_len=512)
+    objectives, probs = [o for o, _ in arms], [p for _, p in arms]
+    kw = dict(seed=7, batch_size=4, seq_len=512, world_size=2)
+    a = generate_batch(objectives, probs, CORPUS, SPECIAL, rank=1, step=3, **kw)
+    b = generate_batch(objectives, probs, CORPUS, SPECIAL, rank=1, step=3, **kw)
+    assert a.equals(b)
+    assert not a.equals(generate_batch(objectives, probs, CORPUS, SPECIAL, rank=0, step=3, **kw))
+    assert not a.equals(generate_batch(objectives, probs, CORPUS, SPECIAL, rank=1, step=4, **kw))
+
+
+def test_identical_across_processes():
+    code = (
+        "import hashlib, numpy as np;"
+        "from tests.test_batching import *;"
+        "from objective_server.objectives.presets import preset;"
+        "arms = preset('birdie', seq_len=512);"
+        "b = generate_batch([o for o,_ in arms], [p for _,p in arms], CORPUS, SPECIAL, seed=3,"
+        " batch_size=4, seq_len=512, rank=0, world_size=1, step=11);"
+        "print(hashlib.sha256(b''.join(a.tobytes() for a in b.arrays().values())).hexdigest())"
+    )
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+               for _ in range(2)}
+    arms = preset("birdie", seq_len=512)
+    b = generate_batch([o for o, _ in arms], [p for _, p in arms], CORPUS, SPECIAL, seed=3,
+                       batch_size=4, seq_len=512, rank=0, world_size=1, step=11)
+    import hashlib
+    here = hashlib.sha256(b"".join(a.tobytes() for a in b.arrays().values())).hexdigest()
+    assert digests == {here + "\n"}
+
+
+def test_ranks_read_disjoint_corpus_tokens():
+    world = 4
+    seen = [text_tokens(ntp_batch(step=2, rank=r, world_size=world)) for r in range(world)]
+    for i in range(world):
+        assert seen[i]
+        for j in range(i + 1, world):
+            assert not seen[i] & seen[j]
+
+
+def test_an_epoch_covers_the_corpus_about_once():
+    # 64 windows of 256 tokens; 16 steps x 4 rows = one epoch. NTP reads all but one token per row
+    # plus the examples' paradigm and GEN positions, so nearly every corpus token appears once.
+    seen = []
+    for step in range(16):
+        b = ntp_batch(step=step)
+        seen.extend(b.label_ids[b.label_ids >= FIRST_TEXT_ID].tolist())
+    counts = np.bincount(np.asarray(seen) - FIRST_TEXT_ID, minlength=len(CORPUS))
+    assert counts.max() == 1  # nothing read twice within the epoch
+    assert (counts == 1).mean() > 0.98  # and almost everything read once
+
+
+def test_next_epoch_uses_another_order():
+    first = [sorted(text_tokens(ntp_batch(step=s)))[:1] for s in range(16)]
+    second = [sorted(text_tokens(ntp_batch(step=16 + s)))[:1] for s in range(16)]
+    assert first != second
+
+
+def test_validation_batches_are_fixed_single_objective_and_in_training_format():
+    arms = preset("birdie", seq_len=512)
+    names = [o.name for o, _ in arms]
+    held_out = np.arange(50_000, 50_000 + 3000, dtype=np.uint32)
+    for k, (obj, _) in enumerate(arms[:6]):
+        a = validation_batch(obj, k, held_out, SPECIAL, seed=1, batch_size=2, seq_len=512, index=0)
+        assert a.equals(validation_batch(obj, k, held_out, SPECIAL, seed=1, batch_size=2, seq_len=512, index=0))
+        assert not a.equals(validation_batch(obj, k, held_out, SPECIAL, seed=1, batch_size=2, seq_len=512, index=1))
+        used = a.objective_ids[a.segment_ids > 0]
+        assert set(used.tolist()) == {k}, names[k]
+        assert ((a.attention_mask == 3) == (a.label_ids != -100)).all()
+        assert (a.input_ids[a.segment_ids > 0] != SPECIAL.pad).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(step=st.integers(0, 10_000), rank=st.integers(0, 7), seq_len=st.sampled_from([128, 200, 256, 1000]),
+       corpus_len=st.integers(10, 5000), seed=st.integers(0, 2**32))
+def test_any_address_and_corpus_size_packs_valid_rows(step, rank, seq_len, corpus_len, seed):
+    arms = preset("birdie", seq_len=seq_len)
+    tokens = np.arange(FIRST_TEXT_ID, FIRST_TEXT_ID + corpus_len, dtype=np.uint32)
+    b = generate_batch([o for o, _ in arms], [p for _, p in arms], tokens, SPECIAL, seed=seed, batch_size=2,
+                       seq_len=seq_len, rank=rank, world_size=8, step=step)
+    assert b.shape == (2, seq_len)
+    seg = b.segment_ids
+    # Segments are 1, 2, 3, ... from the left, padding only on the right.
+    for row in seg:
+        used = row[row > 0]
+        assert (np.diff(used) >= 0).all() and (np.diff(used) <= 1).all()
+        if used.size:
+            assert used[0] == 1 and (row[: used.size] > 0).all()
+    # Labels exist exactly on suffix positions.
+    assert ((b.attention_mask == 3) == (b.label_ids != -100)).all()
+    assert b.fill_rate > 0.5
+
+
+def test_row_windows_shift_between_epochs_keeps_ranks_disjoint():
+    rows = np.arange(0, 64)
+    starts = row_windows(rows, len(CORPUS), 256, seed=0, split="train")
+    assert len(set((starts % len(CORPUS)).tolist())) == 64
+
+
+def test_bad_addresses_are_refused():
+    with pytest.raises(ValueError, match="rank"):
+        ntp_batch(step=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="step"):
+        ntp_batch(step=-1)
+    ntp = parse_objective({"family": "next_token", "length": 64})
+    with pytest.raises(ValueError, match="probabilities"):
+        generate_batch([ntp], [float("nan")], CORPUS, SPECIAL, seed=0, batch_size=1, seq_len=64,
+                       rank=0, world_size=1, step=0)
