@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 	  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
 run: setup
-	$(BIN)/birdie-server demo
+	$(BIN)/birdie-server serve
 
 test: setup
 	$(BIN)/python -m pytest -q
