@@ -24,7 +24,7 @@ def tokens_of(raw: np.ndarray, objective: Objective) -> np.ndarray:
 
 def joined(*parts: np.ndarray | list[int]) -> np.ndarray:
     """The parts (arrays or lists of ids) concatenated into one new int32 array."""
-    return np.concatenate(parts, dtype=np.int32, casting="unsafe")
+    return np.concatenate(parts, dtype=np.int32)
 
 
 def longest_fitting(size_of: Callable[[int], int], upper: int, space: int, min_raw: int) -> int:

@@ -30,9 +30,10 @@ _VALUE_PATTERN: dict[str, str] = {
     "range": r"\d+to\d+",
 }
 
-# Rates and fractions are kept to 6 decimals so that their percent form (4 decimals) reads back
-# to exactly the same float.
-FRACTION_DECIMALS = 6
+# Numbers are written with up to 4 decimals, rates and fractions as percents (so 6 decimals);
+# fields keep their values at that precision so that names read back to exactly the same float.
+NUMBER_DECIMALS = 4
+FRACTION_DECIMALS = NUMBER_DECIMALS + 2
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class NameField:
 
 
 def _format_number(x: float) -> str:
-    text = f"{x:.4f}".rstrip("0").rstrip(".")
+    text = f"{x:.{NUMBER_DECIMALS}f}".rstrip("0").rstrip(".")
     return text.replace(".", "p")
 
 
@@ -112,14 +113,18 @@ def parse_name(name: str, fields: tuple[NameField, ...]) -> dict[str, Any]:
         if match is None:
             if f.kind == "flag" or f.omit_default:
                 continue
-            expected = f.prefix + ("<" + f.kind + ">" if f.kind != "word" else "<word>")
+            expected = f"{f.prefix}<{f.kind}>"
             found = tokens[i] if i < len(tokens) else "the end of the name"
             raise ValueError(f"objective name {name!r}: expected {expected!r}, found {found!r}")
-        values[f.field] = _parse_value(f.kind, match.group(1)) if f.kind != "flag" else True
+        values[f.field] = _parse_value(f.kind, match.group(1))
         i += 1
     if i < len(tokens):
         raise ValueError(f"objective name {name!r}: unexpected token(s) {tokens[i:]}")
     return values
+
+
+# A pydantic validator: a number kept to the precision its name shows.
+rounded_number = AfterValidator(lambda x: round(float(x), NUMBER_DECIMALS))
 
 
 def rounded_fraction(low: float, high: float, high_inclusive: bool = False):

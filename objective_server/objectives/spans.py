@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from objective_server.objectives.assembly import longest_fitting
-from objective_server.objectives.naming import NamedObjective, rounded_fraction
+from objective_server.objectives.naming import NamedObjective, rounded_fraction, rounded_number
 from objective_server.special_tokens import SpecialTokens
 
 # Every tokenizer has at least this many sentinels (SpecialTokens.from_mapping refuses fewer).
@@ -128,7 +128,8 @@ def t5_inputs_targets_length(inputs_length: int, rate: float, mean_span: float) 
 class SpanCorruption(NamedObjective):
     """Base of the objectives that cut noise spans out of the text (infilling, autoencoding)."""
 
-    mean_span: float = Field(3, ge=1, description="mean noise span length in tokens")
+    mean_span: Annotated[float, rounded_number] = Field(
+        3, ge=1, description="mean noise span length in tokens")
     rate: Annotated[float, rounded_fraction(0, 1)] = Field(0.15, description="noise share")
     length: int = Field(512, ge=8, description="most raw tokens per example")
 

@@ -31,7 +31,7 @@ property_test = settings(deadline=None, max_examples=150,
 seeds = st.integers(0, 2**32 - 1)
 lengths = st.integers(8, 3000)
 rates = st.floats(0.01, 0.95)
-mean_spans = st.sampled_from([1, 1.5, 2, 3, 8, 32, 64])
+mean_spans = st.one_of(st.sampled_from([1, 1.5, 2, 3, 8, 32, 64]), st.floats(1, 100))
 
 
 def rng_of(seed: int) -> np.random.Generator:
