@@ -1,0 +1,73 @@
+"""GET /batch: the batch at an address, as Arrow (default) or JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+
+from clients.models import Split
+from clients.wire import ARROW_MEDIA_TYPE, JSON_MEDIA_TYPE
+from objective_server.routes.deps import ServicesDep
+from objective_server.service import InvalidRequest
+
+router = APIRouter(tags=["batches"])
+
+BATCH_RESPONSES = {
+    200: {
+        "description": "Six (batch_size, seq_len) int32 arrays and the batch header: an Arrow IPC stream "
+        "(FixedSizeList<int32> columns, header JSON in the schema metadata key `birdie`) or JSON",
+        "content": {ARROW_MEDIA_TYPE: {}, JSON_MEDIA_TYPE: {}},
+    },
+    503: {"description": "the state store is unreachable and the address is newer than the cached timeline"},
+}
+
+
+def negotiate(wire_format: str | None, accept: str, decode: bool) -> Literal["arrow", "json"]:
+    """`format=` wins; then the Accept header; decoded text implies JSON; Arrow by default."""
+    if wire_format is not None:
+        return wire_format  # type: ignore[return-value]
+    if decode:
+        return "json"
+    if ARROW_MEDIA_TYPE in accept:
+        return "arrow"
+    if JSON_MEDIA_TYPE in accept:
+        return "json"
+    return "arrow"
+
+
+@router.get("/batch", response_class=Response, responses=BATCH_RESPONSES)
+async def get_batch(
+    request: Request,
+    services: ServicesDep,
+    run: Annotated[str, Query(description="Run name")],
+    step: Annotated[int | None, Query(ge=0, description="Training step (required for split=train)")] = None,
+    rank: Annotated[int, Query(ge=0)] = 0,
+    world_size: Annotated[int, Query(ge=1)] = 1,
+    split: Split = "train",
+    objective: Annotated[str | None, Query(description="Configuration name (split=validation)")] = None,
+    index: Annotated[int, Query(ge=0, description="Validation batch index (split=validation)")] = 0,
+    wire_format: Annotated[Literal["arrow", "json"] | None, Query(alias="format")] = None,
+    decode: Annotated[bool, Query(description="JSON only: add the decoded text of every example")] = False,
+) -> Response:
+    """The batch at (run, rank, world_size, step): byte-identical every time it is asked for.
+
+    `split=validation&objective=NAME&index=i` gives configuration NAME's fixed held-out batch i, in
+    exactly the training format (the mixture does not apply).
+    """
+    started = time.perf_counter()
+    chosen = negotiate(wire_format, request.headers.get("accept", ""), decode)
+    if split == "train":
+        if step is None:
+            raise InvalidRequest("split=train needs step=N")
+        served = await services.batches.train(run, rank, world_size, step)
+    else:
+        served = await services.batches.validation(run, objective, index)
+    body, media_type = await services.batches.encode(served, chosen, decode)
+    metrics = services.metrics
+    metrics.batches.labels(run, split, chosen).inc()
+    metrics.tokens.labels(run, split).inc(served.batch.input_ids.size)
+    metrics.batch_latency.labels(chosen).observe(time.perf_counter() - started)
+    headers = {"X-Birdie-Mixture-Version": str(served.header["mixture_version"])} if split == "train" else {}
+    return Response(body, media_type=media_type, headers=headers)

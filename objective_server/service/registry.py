@@ -1,0 +1,125 @@
+"""The runs this server knows: each run's parsed config, policy and what is cached about its state.
+
+A run lives in the store (config, timeline, mixtures, policy state); a `RunContext` is this
+process's view of it. Runs created by another worker or replica are loaded from the store on first
+use, so any replica serves any run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from objective_server.policies import Policy, make_policy
+from objective_server.runs import RunConfig
+from objective_server.service.errors import InvalidRequest, RunConflict
+from objective_server.store import RunExists, RunStore, Timeline, UnknownRun
+from objective_server.store.protocol import is_run_name, to_json
+
+
+@dataclass(eq=False)
+class RunContext:
+    config: RunConfig
+    policy: Policy
+    # The latest timeline seen: addresses at or below its max_served are final, so they can be
+    # served from it while the store is unreachable.
+    timeline: Timeline | None = None
+    # Published mixtures never change: version -> probabilities.
+    mixtures: dict[int, list[float]] = field(default_factory=dict)
+    # One policy drain at a time in this process (the store lock orders replicas).
+    drain_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_drain_check: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @cached_property
+    def config_json(self) -> str:
+        """The stored config as canonical JSON: what the generation workers are given."""
+        return to_json("config", self.config.stored())
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return hashlib.blake2b(self.config_json.encode(), digest_size=8).hexdigest()
+
+    @cached_property
+    def names(self) -> list[str]:
+        return self.config.names
+
+    @cached_property
+    def families(self) -> list[str]:
+        return [o.family for o in self.config.objectives]
+
+    @cached_property
+    def objective_ids(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def remember(self, timeline: Timeline) -> None:
+        """Keep the newest timeline (both its entries and max_served only ever grow)."""
+        old = self.timeline
+        if old is None or (
+            timeline.max_served >= old.max_served and len(timeline.entries) >= len(old.entries)
+        ):
+            self.timeline = timeline
+
+
+class RunRegistry:
+    def __init__(self, store: RunStore, max_request_tokens: int) -> None:
+        self.store = store
+        self.max_request_tokens = max_request_tokens
+        self._runs: dict[str, RunContext] = {}
+
+    def local(self) -> list[RunContext]:
+        return list(self._runs.values())
+
+    def _context(self, config: RunConfig) -> RunContext:
+        try:
+            policy = make_policy(config)
+        except (ValueError, TypeError) as error:  # unknown policy name, or options it does not take
+            raise InvalidRequest(f"run {config.name!r}: policy {config.policy.name!r}: {error}") from None
+        return RunContext(config=config, policy=policy)
+
+    def check_limits(self, config: RunConfig) -> None:
+        if config.tokens_per_step > self.max_request_tokens:
+            raise InvalidRequest(
+                f"run {config.name!r}: batch_size * seq_len = {config.batch_size} * {config.seq_len} = "
+                f"{config.tokens_per_step} tokens per batch, above this server's limit of "
+                f"{self.max_request_tokens} (BIRDIE_MAX_REQUEST_TOKENS)"
+            )
+
+    async def get(self, run: str) -> RunContext:
+        """The run's context; loaded from the store if another worker or replica created it."""
+        context = self._runs.get(run)
+        if context is not None:
+            return context
+        if not is_run_name(run):
+            raise UnknownRun(run)
+        stored = await self.store.get_config(run)
+        context = self._context(RunConfig.model_validate(stored))
+        return self._runs.setdefault(run, context)
+
+    async def register(self, config: RunConfig) -> tuple[RunContext, bool]:
+        """Create the run in the store, or accept it if it exists with the identical config.
+
+        Returns (context, created). `RunConflict` if the stored config differs: a run's batches
+        are a function of its config, so changing it under the same name would break replay.
+        """
+        self.check_limits(config)
+        context = self._context(config)
+        try:
+            await self.store.create_run(
+                config.name, config.stored(), config.initial_probabilities, context.policy.initial_state()
+            )
+            created = True
+        except RunExists:
+            stored = await self.store.get_config(config.name)
+            if stored != config.stored():
+                raise RunConflict(
+                    f"run {config.name!r} exists with a different config; a run's config cannot change "
+                    "(its batches are a function of it): choose another name"
+                ) from None
+            created = False
+        return self._runs.setdefault(config.name, context), created
