@@ -1,0 +1,424 @@
+// Linear scan h_t = a_t * h_{t-1} + x_t over dim 1 of (B, T, D) tensors, D contiguous.
+//
+// Pure CUDA (no torch headers) so that it can be compiled and checked on its own
+// (scan_kernels_check.cu) as well as from the torch extension (scan_cuda.cu).
+//
+// Channels [0, split) scan left to right, channels [split, D) right to left, so one
+// launch serves the forward, the reverse and the bidirectional scan.
+//
+// Work layout: one block owns VEC*32 channels of one batch row and walks the whole of T
+// in rounds. In a round each warp takes STEPS consecutive time steps: it loads them all
+// (independent loads, in flight together), scans them locally with a zero start while
+// keeping the running product of the gates, publishes (product, end state) to shared
+// memory, and after one barrier folds the earlier warps' pairs onto the block's carry to
+// get its own starting state. Outputs are then local_state + cumulative_gate * start.
+// Each element of every input is read once and every output written once, there is no
+// dependency between blocks, and T can be anything.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace birdie_scan {
+
+// ---- conversions between the storage type of x/h and the accumulation type (= gate type)
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+
+template <typename Out>
+__device__ __forceinline__ Out narrow(float v);
+template <>
+__device__ __forceinline__ float narrow<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half narrow<__half>(float v) { return __float2half_rn(v); }
+template <typename Out>
+__device__ __forceinline__ Out narrow(double v) { return static_cast<Out>(v); }
+
+// ---- VEC contiguous elements moved as one access (8 or 16 bytes when VEC allows)
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename Acc, typename T, int VEC>
+__device__ __forceinline__ void load_widened(const T* ptr, Acc (&out)[VEC]) {
+  const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(ptr);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) out[v] = static_cast<Acc>(widen(p.v[v]));
+}
+
+template <typename T, typename Acc, int VEC>
+__device__ __forceinline__ void store_narrowed(T* ptr, const Acc (&in)[VEC]) {
+  Pack<T, VEC> p;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) p.v[v] = narrow<T>(in[v]);
+  *reinterpret_cast<Pack<T, VEC>*>(ptr) = p;
+}
+
+template <typename G, typename X>
+struct ForwardParams {
+  const G* a;  // gates (B, T, D), unit channel stride
+  int64_t a_sb, a_st;
+  const X* x;  // inputs (B, T, D), unit channel stride
+  int64_t x_sb, x_st;
+  const G* h0;  // initial state (B, D) contiguous, or nullptr for zeros
+  X* h;         // states (B, T, D) contiguous
+  int64_t B, T, D, split;
+};
+
+template <typename G, typename X>
+struct BackwardParams {
+  const G* a;
+  int64_t a_sb, a_st;
+  const X* h;  // states written by the forward pass
+  int64_t h_sb, h_st;
+  const X* dh;  // upstream gradient of the states
+  int64_t dh_sb, dh_st;
+  const G* h0;  // nullptr for zeros
+  G* da;        // (B, T, D) contiguous
+  X* dx;        // (B, T, D) contiguous
+  G* dh0;       // (B, D) contiguous, always written
+  int64_t B, T, D, split;
+};
+
+// Publishes this warp's (gate product, local end state) and returns the state entering its
+// segment; `carry` enters the round and leaves it as the state after the round. Shared
+// memory is double buffered, so a single barrier per round suffices: a warp can only
+// rewrite a buffer after passing the next round's barrier, which every reader of that
+// buffer must have reached first.
+template <typename G, int VEC>
+__device__ __forceinline__ void combine_round(const G (&prod)[VEC], const G (&end_state)[VEC],
+                                              G (&carry)[VEC], G (&start)[VEC], G* smem,
+                                              int& buffer) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  // layout [warp][v][lane]: consecutive lanes hit consecutive banks
+  G* prods = smem + buffer * (2 * warps * VEC * 32);
+  G* ends = prods + warps * VEC * 32;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    prods[(warp * VEC + v) * 32 + lane] = prod[v];
+    ends[(warp * VEC + v) * 32 + lane] = end_state[v];
+  }
+  __syncthreads();
+  G running[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) running[v] = carry[v];
+#pragma unroll 4
+  for (int w = 0; w < warps; ++w) {
+    if (w == warp) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) start[v] = running[v];
+    }
+#pragma unroll
+    for (int v = 0; v < VEC; ++v)
+      running[v] = prods[(w * VEC + v) * 32 + lane] * running[v] + ends[(w * VEC + v) * 32 + lane];
+  }
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) carry[v] = running[v];
+  buffer ^= 1;
+}
+
+template <typename G, typename X, int VEC, int STEPS>
+__global__ void __launch_bounds__(512)
+    linear_scan_forward_kernel(const ForwardParams<G, X> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  G* smem = reinterpret_cast<G*>(smem_raw);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  const int64_t tiles = (p.D + 32 * VEC - 1) / (32 * VEC);
+  const int64_t b = blockIdx.x / tiles;
+  const int64_t c0 = ((blockIdx.x % tiles) * 32 + lane) * VEC;
+  const bool active = c0 < p.D;  // the host picks VEC dividing D: all VEC channels valid
+  const bool reverse = c0 >= p.split;  // and dividing split: one direction per lane
+  const G* a_row = p.a + b * p.a_sb + c0;
+  const X* x_row = p.x + b * p.x_sb + c0;
+  X* h_row = p.h + b * p.T * p.D + c0;
+
+  G carry[VEC];
+  if (active && p.h0 != nullptr) {
+    load_widened<G, G, VEC>(p.h0 + b * p.D + c0, carry);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) carry[v] = G(0);
+  }
+
+  int buffer = 0;
+  const int64_t round_len = int64_t(warps) * STEPS;
+  for (int64_t round_start = 0; round_start < p.T; round_start += round_len) {
+    const int64_t s0 = round_start + int64_t(warp) * STEPS;
+    G gate[STEPS][VEC], value[STEPS][VEC];
+    // All loads of the segment first, so they are in flight together. Steps past T get
+    // the identity (gate 1, input 0) and are never stored.
+#pragma unroll
+    for (int i = 0; i < STEPS; ++i) {
+      const int64_t s = s0 + i;
+      if (active && s < p.T) {
+        const int64_t t = reverse ? p.T - 1 - s : s;
+        load_widened<G, G, VEC>(a_row + t * p.a_st, gate[i]);
+        load_widened<G, X, VEC>(x_row + t * p.x_st, value[i]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          gate[i][v] = G(1);
+          value[i][v] = G(0);
+        }
+      }
+    }
+    // Local scan from a zero state; gate[i] becomes the product of gates up to step i.
+    G prod[VEC], state[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      prod[v] = G(1);
+      state[v] = G(0);
+    }
+#pragma unroll
+    for (int i = 0; i < STEPS; ++i) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        state[v] = gate[i][v] * state[v] + value[i][v];
+        prod[v] = prod[v] * gate[i][v];
+        value[i][v] = state[v];
+        gate[i][v] = prod[v];
+      }
+    }
+    G start[VEC];
+    combine_round<G, VEC>(prod, state, carry, start, smem, buffer);
+#pragma unroll
+    for (int i = 0; i < STEPS; ++i) {
+      const int64_t s = s0 + i;
+      if (active && s < p.T) {
+        const int64_t t = reverse ? p.T - 1 - s : s;
+        G out[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) out[v] = gate[i][v] * start[v] + value[i][v];
+        store_narrowed<X, G, VEC>(h_row + t * p.D, out);
+      }
+    }
+  }
+}
+
+// Backward of the scan, fused: for a left-to-right channel with upstream dh,
+//   dx_t = dh_t + a_{t+1} dx_{t+1}   (a right-to-left scan with the gates shifted by one)
+//   da_t = dx_t * h_{t-1}            (h_{-1} = h0, or 0)
+//   dh0  = a_0 * dx_0
+// and the mirror image for a right-to-left channel. `u` counts steps in the direction of
+// the backward scan, so u = 0 is the last time step of the forward direction.
+template <typename G, typename X, int VEC, int STEPS>
+__global__ void __launch_bounds__(512)
+    linear_scan_backward_kernel(const BackwardParams<G, X> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  G* smem = reinterpret_cast<G*>(smem_raw);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  const int64_t tiles = (p.D + 32 * VEC - 1) / (32 * VEC);
+  const int64_t b = blockIdx.x / tiles;
+  const int64_t c0 = ((blockIdx.x % tiles) * 32 + lane) * VEC;
+  const bool active = c0 < p.D;
+  const bool reverse = c0 >= p.split;
+  // one step later / earlier in the forward direction of this channel
+  const int64_t later = reverse ? -1 : 1;
+  const G* a_row = p.a + b * p.a_sb + c0;
+  const X* h_row = p.h + b * p.h_sb + c0;
+  const X* dh_row = p.dh + b * p.dh_sb + c0;
+  G* da_row = p.da + b * p.T * p.D + c0;
+  X* dx_row = p.dx + b * p.T * p.D + c0;
+
+  G carry[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) carry[v] = G(0);
+
+  int buffer = 0;
+  const int64_t round_len = int64_t(warps) * STEPS;
+  for (int64_t round_start = 0; round_start < p.T; round_start += round_len) {
+    const int64_t u0 = round_start + int64_t(warp) * STEPS;
+    G gate[STEPS][VEC], grad[STEPS][VEC], prev[STEPS][VEC];
+#pragma unroll
+    for (int i = 0; i < STEPS; ++i) {
+      const int64_t u = u0 + i;
+      if (active && u < p.T) {
+        const int64_t t = reverse ? u : p.T - 1 - u;
+        load_widened<G, X, VEC>(dh_row + t * p.dh_st, grad[i]);
+        if (u >= 1) {
+          load_widened<G, G, VEC>(a_row + (t + later) * p.a_st, gate[i]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) gate[i][v] = G(0);  // nothing comes after the end
+        }
+        if (u + 1 < p.T) {
+          load_widened<G, X, VEC>(h_row + (t - later) * p.h_st, prev[i]);
+        } else if (p.h0 != nullptr) {
+          load_widened<G, G, VEC>(p.h0 + b * p.D + c0, prev[i]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) prev[i][v] = G(0);
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          gate[i][v] = G(1);
+          grad[i][v] = G(0);
+          prev[i][v] = G(0);
+        }
+      }
+    }
+    G prod[VEC], state[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      prod[v] = G(1);
+      state[v] = G(0);
+    }
+#pragma unroll
+    for (int i = 0; i < STEPS; ++i) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        state[v] = gate[i][v] * state[v] + grad[i][v];
+        prod[v] = prod[v] * gate[i][v];
+        grad[i][v] = state[v];
+        gate[i][v] = prod[v];
+      }
+    }
+    G start[VEC];
+    combine_round<G, VEC>(prod, state, carry, start, smem, buffer);
+#pragma unroll
+    for (int i = 0; i < STEPS; ++i) {
+      const int64_t u = u0 + i;
+      if (active && u < p.T) {
+        const int64_t t = reverse ? u : p.T - 1 - u;
+        G dx[VEC], da[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          dx[v] = gate[i][v] * start[v] + grad[i][v];
+          da[v] = dx[v] * prev[i][v];
+        }
+        store_narrowed<X, G, VEC>(dx_row + t * p.D, dx);
+        store_narrowed<G, G, VEC>(da_row + t * p.D, da);
+      }
+    }
+  }
+  if (active) {
+    // carry is now dx at the first forward step of this channel
+    const int64_t t_first = reverse ? p.T - 1 : 0;
+    G a_first[VEC], out[VEC];
+    load_widened<G, G, VEC>(a_row + t_first * p.a_st, a_first);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) out[v] = a_first[v] * carry[v];
+    store_narrowed<G, G, VEC>(p.dh0 + b * p.D + c0, out);
+  }
+}
+
+// ---- host side: tile choice and launch, shared by the torch extension and the check
+
+struct Tile {
+  int vec;    // channels per thread (1, 2 or 4)
+  int warps;  // warps per block, each taking STEPS time steps per round
+};
+
+inline bool aligned_to(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// Widest VEC that the shapes, strides and pointers allow, then narrowed while there are
+// too few blocks to give every multiprocessor two (a block per (batch row, VEC*32
+// channels) is the only parallelism). requested.vec/warps > 0 override the choice.
+inline Tile choose_tile(int64_t B, int64_t D, int64_t split, int max_vec, const int64_t* strides,
+                        int n_strides, const void* const* ptrs, const int* elem_bytes, int n_ptrs,
+                        int sm_count, Tile requested) {
+  int vec = max_vec;
+  auto allowed = [&](int v) {
+    if (D % v != 0 || split % v != 0) return false;
+    for (int i = 0; i < n_strides; ++i)
+      if (strides[i] % v != 0) return false;
+    for (int i = 0; i < n_ptrs; ++i)
+      if (ptrs[i] != nullptr && !aligned_to(ptrs[i], int64_t(v) * elem_bytes[i])) return false;
+    return true;
+  };
+  while (vec > 1 && !allowed(vec)) vec /= 2;
+  if (requested.vec > 0) {
+    // an explicit request is honoured only when legal, otherwise the legal width is kept
+    if (requested.vec <= max_vec && allowed(requested.vec)) vec = requested.vec;
+  } else {
+    while (vec > 1 && B * ((D + 32 * vec - 1) / (32 * vec)) < 2 * int64_t(sm_count)) vec /= 2;
+  }
+  const int warps = requested.warps > 0 ? requested.warps : 8;
+  return Tile{vec, warps};
+}
+
+template <typename G>
+inline size_t shared_bytes(Tile tile) {
+  return size_t(2) * 2 * tile.warps * tile.vec * 32 * sizeof(G);
+}
+
+// Time steps per thread per round: keeps 16 values of each array in registers.
+template <int VEC>
+constexpr int steps_for_vec() {
+  return 16 / VEC;
+}
+
+inline int64_t block_count(int64_t B, int64_t D, int vec) {
+  return B * ((D + 32 * vec - 1) / (32 * vec));
+}
+
+template <typename G, typename X>
+cudaError_t launch_forward(const ForwardParams<G, X>& p, Tile tile, cudaStream_t stream) {
+  if (p.B == 0 || p.T == 0 || p.D == 0) return cudaSuccess;
+  if (tile.warps < 1 || tile.warps > 16) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(block_count(p.B, p.D, tile.vec)));
+  const dim3 block(tile.warps * 32);
+  const size_t smem = shared_bytes<G>(tile);
+  switch (tile.vec) {
+    case 1:
+      linear_scan_forward_kernel<G, X, 1, steps_for_vec<1>()><<<grid, block, smem, stream>>>(p);
+      break;
+    case 2:
+      linear_scan_forward_kernel<G, X, 2, steps_for_vec<2>()><<<grid, block, smem, stream>>>(p);
+      break;
+    case 4:
+      if constexpr (sizeof(G) <= 4) {
+        linear_scan_forward_kernel<G, X, 4, steps_for_vec<4>()><<<grid, block, smem, stream>>>(p);
+        break;
+      }
+      return cudaErrorInvalidValue;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+template <typename G, typename X>
+cudaError_t launch_backward(const BackwardParams<G, X>& p, Tile tile, cudaStream_t stream) {
+  if (p.B == 0 || p.T == 0 || p.D == 0) return cudaSuccess;
+  if (tile.warps < 1 || tile.warps > 16) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(block_count(p.B, p.D, tile.vec)));
+  const dim3 block(tile.warps * 32);
+  const size_t smem = shared_bytes<G>(tile);
+  switch (tile.vec) {
+    case 1:
+      linear_scan_backward_kernel<G, X, 1, steps_for_vec<1>()><<<grid, block, smem, stream>>>(p);
+      break;
+    case 2:
+      linear_scan_backward_kernel<G, X, 2, steps_for_vec<2>()><<<grid, block, smem, stream>>>(p);
+      break;
+    case 4:
+      if constexpr (sizeof(G) <= 4) {
+        linear_scan_backward_kernel<G, X, 4, steps_for_vec<4>()><<<grid, block, smem, stream>>>(p);
+        break;
+      }
+      return cudaErrorInvalidValue;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace birdie_scan
