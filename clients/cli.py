@@ -1,0 +1,213 @@
+"""`birdie`: inspect an objective server from the command line.
+
+    birdie runs                          every run on the server
+    birdie runs NAME                     one run: config, objectives, eval schedule
+    birdie mixture RUN                   current probabilities, losses, rewards
+    birdie objectives [--run RUN]        objective configurations
+    birdie batch RUN --step N --decode   a batch, its examples decoded to text
+
+Every command takes --json for machine-readable output. The server comes from --url or
+$BIRDIE_SERVER_URL, the token from --token or $BIRDIE_API_TOKEN.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from clients.client import DEFAULT_URL, TOKEN_ENV, URL_ENV, BirdieClient, BirdieError
+from clients.wire import WireBatch, encode_json
+
+# Label positions that carry no loss (the prefix and padding), as packed by the server.
+IGNORE_INDEX = -100
+
+
+class BirdieGroup(click.Group):
+    """Turns client errors into one clear line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BirdieError as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group(cls=BirdieGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--url", envvar=URL_ENV, default=DEFAULT_URL, show_default=True, show_envvar=True, help="Objective server URL.")
+@click.option("--token", envvar=TOKEN_ENV, default=None, show_envvar=True, help="API token (sent as a Bearer token).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True, help="Seconds per request attempt.")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help="Retries on connection errors and 429/502/503/504.")
+@click.option("-v", "--verbose", is_flag=True, help="Log each retry.")
+@click.pass_context
+def main(ctx: click.Context, url: str, token: str | None, timeout: float, retries: int, verbose: bool) -> None:
+    """Inspect a Birdie objective server: runs, mixtures, objectives and batches."""
+    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, format="%(message)s")
+    try:
+        client = BirdieClient(url, token, timeout=timeout, retries=retries, backoff=0.2)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--url") from error
+    ctx.obj = ctx.with_resource(client)
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def console() -> Console:
+    # Created per command so that it writes to whatever stdout is current (CliRunner swaps it).
+    return Console(soft_wrap=False)
+
+
+def fmt_number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+@main.command()
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@click.pass_obj
+def mixture(client: BirdieClient, run: str, as_json: bool) -> None:
+    """Current mixture of RUN: probability, last validation loss and reward per configuration."""
+    m = client.mixture(run)
+    if as_json:
+        echo_json(m.model_dump(mode="json"))
+        return
+    out = console()
+    out.print(
+        f"[bold]{m.run}[/]  policy [cyan]{m.policy}[/]  version {m.version}  effective from step "
+        f"{m.effective_step}  max served {m.max_served}  exploration {fmt_number(m.exploration, 3)}"
+    )
+    table = Table("configuration", "probability", "last loss", "reward")
+    for name, p in m.probabilities.items():
+        table.add_row(name, f"{p:.4f}", fmt_number(m.last_losses.get(name)), fmt_number(m.rewards.get(name)))
+    out.print(table)
+    families = Table("family", "probability")
+    for family, p in m.families.items():
+        families.add_row(family, f"{p:.4f}")
+    out.print(families)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@click.pass_obj
+def runs(client: BirdieClient, name: str | None, as_json: bool) -> None:
+    """List the server's runs, or show run NAME in full."""
+    if name is not None:
+        info = client.run(name)
+        if as_json:
+            echo_json(info.model_dump(mode="json"))
+            return
+        out = console()
+        out.print(
+            f"[bold]{info.name}[/]  mixture version {info.mixture_version}  max served {info.max_served}  "
+            f"vocab {info.vocab_size}"
+        )
+        out.print(f"eval steps: {', '.join(map(str, info.eval_steps)) or '-'}")
+        out.print("special tokens: " + ", ".join(f"{k}={v}" for k, v in info.special_tokens.items()))
+        config = {k: v for k, v in info.config.items() if k != "arms"}
+        out.print("config: " + json.dumps(config, sort_keys=True))
+        out.print(objectives_table(info.objectives))
+        return
+    summaries = client.runs()
+    if as_json:
+        echo_json([s.model_dump(mode="json") for s in summaries])
+        return
+    table = Table("run", "policy", "objectives", "seq_len", "batch", "mixture version", "max served")
+    for s in summaries:
+        table.add_row(s.name, s.policy, str(s.objectives), str(s.seq_len), str(s.batch_size), str(s.mixture_version), str(s.max_served))
+    console().print(table)
+
+
+def objectives_table(objectives: list) -> Table:
+    table = Table("configuration", "family", "parameters")
+    for o in objectives:
+        table.add_row(o.name, o.family, json.dumps(o.params, sort_keys=True))
+    return table
+
+
+@main.command()
+@click.option("--run", default=None, help="Only this run's configurations (default: every preset's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@click.pass_obj
+def objectives(client: BirdieClient, run: str | None, as_json: bool) -> None:
+    """Objective configurations known to the server (or used by --run)."""
+    items = client.objectives(run)
+    if as_json:
+        echo_json([o.model_dump(mode="json") for o in items])
+        return
+    console().print(objectives_table(items))
+
+
+@main.command()
+@click.argument("run")
+@click.option("--step", type=click.IntRange(min=0), default=None, help="Training step (required unless --objective).")
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--objective", default=None, help="A validation batch of this configuration instead.")
+@click.option("--index", type=click.IntRange(min=0), default=0, show_default=True, help="Which validation batch.")
+@click.option("--decode", is_flag=True, help="Show every packed example decoded to text.")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch as JSON (arrays as lists).")
+@click.pass_obj
+def batch(
+    client: BirdieClient,
+    run: str,
+    step: int | None,
+    rank: int,
+    world_size: int,
+    objective: str | None,
+    index: int,
+    decode: bool,
+    as_json: bool,
+) -> None:
+    """Fetch one batch of RUN by its address and summarise it (or --decode its examples)."""
+    if step is None and objective is None:
+        raise click.UsageError("give --step N for a training batch or --objective NAME for a validation batch")
+    if step is not None and objective is not None:
+        raise click.UsageError("--step and --objective exclude each other")
+    if rank >= world_size:
+        raise click.UsageError(f"--rank must be below --world-size ({rank} >= {world_size})")
+    examples: list[dict] | None = None
+    if decode:
+        wire, examples = client.decoded_batch(run, step or 0, rank, world_size, objective=objective, index=index)
+    elif objective is not None:
+        wire = client.validation_batch(run, objective, index)
+    else:
+        wire = client.batch(run, step, rank, world_size)
+    if as_json:
+        echo_json(encode_json(wire.arrays, wire.header, examples))
+        return
+    out = console()
+    out.print(batch_summary(wire))
+    if examples is not None:
+        table = Table("row", "offset", "objective", "input", "label", show_lines=True)
+        for e in examples:
+            table.add_row(str(e.get("row")), str(e.get("offset")), str(e.get("objective")), e.get("input", ""), e.get("label", ""))
+        out.print(table)
+
+
+def batch_summary(wire: WireBatch) -> Table:
+    """Header fields, then positions and loss-bearing tokens per objective configuration."""
+    h = wire.header
+    rows, length = wire.shape
+    title = (
+        f"{h.get('run')} {h.get('split', 'train')} step {h.get('step')} rank {h.get('rank')}/{h.get('world_size')} "
+        f"mixture v{h.get('mixture_version')}  {rows}x{length}"
+    )
+    if h.get("fill_rate") is not None:
+        title += f"  fill {h['fill_rate']:.1%}"
+    ids = wire["objective_ids"]
+    names = wire.objectives
+    size = max(len(names), int(ids.max()) + 1 if ids.size else 0)
+    positions = np.bincount(ids[ids >= 0], minlength=size)
+    labelled = np.bincount(ids[(ids >= 0) & (wire["label_ids"] != IGNORE_INDEX)], minlength=size)
+    table = Table("objective", "positions", "label tokens", title=title)
+    for i in np.flatnonzero(positions):
+        table.add_row(names[i] if i < len(names) else f"#{i}", str(positions[i]), str(labelled[i]))
+    return table

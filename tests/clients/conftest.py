@@ -1,0 +1,26 @@
+"""Fixtures for the client tests: a stand-in objective server on a free loopback port."""
+
+from __future__ import annotations
+
+import pytest
+
+from fake_birdie_server import FakeBirdieServer
+
+
+@pytest.fixture
+def server():
+    fake = FakeBirdieServer().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def down_server():
+    """A server that is not listening yet (connection refused); the test calls `start()`."""
+    fake = FakeBirdieServer()
+    try:
+        yield fake
+    finally:
+        fake.stop()

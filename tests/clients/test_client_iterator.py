@@ -1,0 +1,123 @@
+"""BatchIterator: in-order prefetching, resumption, error propagation, clean stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from clients.client import BirdieClient, NotFoundError, TransientHTTPError
+from clients.iterator import BatchIterator
+from clients.wire import FIELDS
+from fake_birdie_server import RUN, FakeBirdieServer, Fault, batch_arrays, wait_until
+
+
+def client_for(server: FakeBirdieServer, **options) -> BirdieClient:
+    return BirdieClient(server.url, **{"timeout": 2.0, "retries": 3, "backoff": 0.01, "max_delay": 0.05, **options})
+
+
+def batch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("birdie-batch")]
+
+
+def test_yields_steps_in_order_even_when_fetches_finish_out_of_order(server: FakeBirdieServer) -> None:
+    # The first fetch answers last: order must come from the step, not from arrival.
+    server.inject("/batch", Fault(delay=0.3))
+    with client_for(server) as client, BatchIterator(client, RUN, rank=1, world_size=2, start_step=0, prefetch=4, end_step=10) as batches:
+        got = list(batches)
+    assert [step for step, _ in got] == list(range(10))
+    for step, batch in got:
+        expected = batch_arrays(step, 1, 2, "train", 0, server.shape)
+        for name in FIELDS:
+            np.testing.assert_array_equal(batch[name], expected[name])
+        assert (batch.header["step"], batch.header["rank"]) == (step, 1)
+    arrivals = [int(s.params["step"]) for s in server.requests("/batch")]
+    assert sorted(arrivals) == list(range(10))
+
+
+def test_keeps_exactly_prefetch_steps_in_flight(server: FakeBirdieServer) -> None:
+    with client_for(server) as client, BatchIterator(client, RUN, start_step=20, prefetch=3) as batches:
+        assert wait_until(lambda: len(server.requests("/batch")) == 3)
+        time.sleep(0.1)
+        assert sorted(int(s.params["step"]) for s in server.requests("/batch")) == [20, 21, 22]
+        assert next(batches)[0] == 20
+        assert wait_until(lambda: len(server.requests("/batch")) == 4)
+        time.sleep(0.1)
+        assert int(server.requests("/batch")[-1].params["step"]) == 23 and len(server.requests("/batch")) == 4
+        assert batches.next_step == 21
+
+
+def test_resuming_from_a_step_replays_the_same_batches(server: FakeBirdieServer) -> None:
+    with client_for(server) as client:
+        with BatchIterator(client, RUN, prefetch=2, end_step=8) as first:
+            full = {step: batch for step, batch in first}
+        with BatchIterator(client, RUN, start_step=5, prefetch=2, end_step=8) as resumed:
+            tail = list(resumed)
+    assert [step for step, _ in tail] == [5, 6, 7]
+    for step, batch in tail:
+        for name in FIELDS:
+            np.testing.assert_array_equal(batch[name], full[step][name])
+
+
+def test_step_stride_splits_steps_between_consumers(server: FakeBirdieServer) -> None:
+    with client_for(server) as client:
+        with BatchIterator(client, RUN, start_step=1, prefetch=2, end_step=9, step_stride=3) as batches:
+            assert [step for step, _ in batches] == [1, 4, 7]
+
+
+def test_transient_failures_are_retried_inside_and_invisible_to_the_consumer(server: FakeBirdieServer) -> None:
+    server.inject("/batch", Fault(status=503, retry_after="0"), times=3)
+    with client_for(server) as client, BatchIterator(client, RUN, prefetch=2, end_step=4) as batches:
+        assert [step for step, _ in batches] == [0, 1, 2, 3]
+
+
+def test_a_failure_reaches_the_consumer_at_its_step_and_closes(server: FakeBirdieServer) -> None:
+    with client_for(server) as client:
+        batches = BatchIterator(client, "unknown-run", prefetch=2)
+        with pytest.raises(NotFoundError):
+            next(batches)
+        assert batches.closed and batches.next_step == 0
+        with pytest.raises(StopIteration):
+            next(batches)
+        server.fail_always("/batch", Fault(status=503))
+        batches = BatchIterator(client, RUN, start_step=6, prefetch=2)
+        with pytest.raises(TransientHTTPError):
+            next(batches)
+        assert batches.next_step == 6  # resume from here once the server is back
+
+
+def test_close_stops_promptly_while_fetches_back_off(down_server: FakeBirdieServer) -> None:
+    # Server down, long backoff: close() must end the waiting threads, not sit out the retries.
+    with BirdieClient(down_server.url, retries=50, backoff=2.0, max_delay=5.0) as client:
+        batches = BatchIterator(client, RUN, prefetch=4)
+        assert wait_until(lambda: len(batch_threads()) == 4)
+        time.sleep(0.1)
+        started = time.monotonic()
+        batches.close()
+        assert time.monotonic() - started < 1.0
+    assert wait_until(lambda: batch_threads() == [], timeout=2.0)
+    with pytest.raises(StopIteration):
+        next(batches)
+
+
+def test_nothing_is_fetched_after_close(server: FakeBirdieServer) -> None:
+    with client_for(server) as client:
+        with BatchIterator(client, RUN, prefetch=2) as batches:
+            next(batches)
+            next(batches)
+        count = len(server.requests("/batch"))
+        time.sleep(0.2)
+    # Steps 2 and 3 were queued: on the wire or dropped by close(), but never sent after it.
+    assert 2 <= count <= 4 and len(server.requests("/batch")) == count
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"prefetch": 0}, {"step_stride": 0}, {"start_step": -1}, {"start_step": 5, "end_step": 4}, {"rank": 2, "world_size": 2}],
+)
+def test_bad_arguments(server: FakeBirdieServer, kwargs: dict) -> None:
+    with client_for(server) as client:
+        with pytest.raises(ValueError):
+            BatchIterator(client, RUN, **kwargs)
