@@ -13,7 +13,7 @@ from objective_server.objectives.base import Objective
 def tokens_of(raw: np.ndarray, objective: Objective) -> np.ndarray:
     """`raw` as a 1-D int32 array, refused with a clear error when the objective cannot use it."""
     tokens = np.asarray(raw)
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":  # signed or unsigned integers
         raise ValueError(f"{objective.name}: raw tokens must be a 1-D integer array, "
                          f"got shape {tokens.shape} of {tokens.dtype}")
     if len(tokens) < objective.min_raw:

@@ -33,6 +33,7 @@ MAX_DELIMITER = 8
 QUERY_OVERHEAD = 3 + 2 * MAX_DELIMITER + 1
 # [SELECT] [CONTEXT]
 FIXED_OVERHEAD = 2
+_DELIMITER_LENGTHS = np.arange(1, MAX_DELIMITER + 1)
 # A token id no tokenizer has, to pad the context so every window has full width.
 _OUTSIDE = -1
 
@@ -58,9 +59,10 @@ def place_spans(n: int, n_spans: int, span_length: tuple[int, int], rng: np.rand
 def _draw_length(good: np.ndarray, longest: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per row, a length drawn uniformly among the good ones (1-based columns of `good`, which
     are good from some length on), or the longest allowed when none is good."""
-    allowed = good & (np.arange(1, MAX_DELIMITER + 1) <= longest[:, None])
-    shortest_good = np.where(allowed.any(axis=1), allowed.argmax(axis=1) + 1, longest)
-    return rng.integers(shortest_good, longest + 1)
+    good_count = (good & (_DELIMITER_LENGTHS <= longest[:, None])).sum(axis=1)
+    choices = np.maximum(good_count, 1)
+    # The good lengths are the last `good_count` allowed ones, up to `longest`.
+    return longest - choices + 1 + (rng.random(len(longest)) * choices).astype(np.int64)
 
 
 def start_delimiter_lengths(context: np.ndarray, starts: np.ndarray, rng: np.random.Generator
@@ -75,7 +77,7 @@ def start_delimiter_lengths(context: np.ndarray, starts: np.ndarray, rng: np.ran
     for back in range(1, MAX_DELIMITER + 1):
         previous = padded[MAX_DELIMITER - back:MAX_DELIMITER - back + n + 1]  # context[t - back]
         matching &= previous == previous[starts][:, None]
-        occurrences[:, back - 1] = np.count_nonzero(matching, axis=1)
+        occurrences[:, back - 1] = matching.sum(axis=1)
         if (occurrences[:, back - 1] == 1).all():
             break  # unique already: longer delimiters only match fewer places (kept at 1)
     return _draw_length(occurrences == 1, np.minimum(MAX_DELIMITER, starts), rng)
