@@ -122,3 +122,55 @@ def _open_corpus(path: str | None):
         return default_store()
     except CorpusError as e:
         raise click.ClickException(str(e)) from None
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", help="Address to bind.  [env BIRDIE_HOST; default 127.0.0.1]")
+@click.option("--port", type=int, help="Port to bind.  [env BIRDIE_PORT; default 8000]")
+@click.option("--workers", type=int,
+              help="uvicorn worker processes; more than 1 needs --redis-url.  [env BIRDIE_WORKERS; default 1]")
+@click.option("--redis-url", help="Shared run-state store, e.g. redis://localhost:6379/0.  "
+              "[env BIRDIE_REDIS_URL; default: in-process store]")
+@click.option("--corpus", type=click.Path(file_okay=False),
+              help="A prepared token store.  [env BIRDIE_CORPUS; default: the embedded default corpus]")
+@click.option("--runs", "run_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Run config file (YAML/TOML) to register; repeatable.  [env BIRDIE_RUN_FILES, comma-separated]")
+@click.option("--preset", "presets", multiple=True,
+              help="Register a shipped preset run (birdie, ul2, decoder-ul2, ntp); repeatable.  [env BIRDIE_PRESETS]")
+@click.option("--api-token", help="Require `Authorization: Bearer TOKEN` on every route but /healthz and "
+              "/readyz (prefer the env variable: arguments show in `ps`).  [env BIRDIE_API_TOKEN]")
+@click.option("--generation-executor", type=click.Choice(["process", "thread"]),
+              help="Where batches are generated.  [env BIRDIE_GENERATION_EXECUTOR; default process]")
+@click.option("--generation-workers", type=int, help="Generation processes/threads per server worker.  "
+              "[env BIRDIE_GENERATION_WORKERS; default 2]")
+@click.option("--prefetch-depth", type=int, help="Steps generated ahead per rank.  [env BIRDIE_PREFETCH_DEPTH; default 2]")
+@click.option("--cache-size", type=int, help="Recent batches kept per worker.  [env BIRDIE_CACHE_SIZE; default 128]")
+@click.option("--max-request-tokens", type=int,
+              help="Largest batch_size * seq_len served.  [env BIRDIE_MAX_REQUEST_TOKENS; default 1048576]")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              help="[env BIRDIE_LOG_LEVEL; default info]")
+@click.option("--access-log/--no-access-log", default=None, help="Log every request.  [env BIRDIE_ACCESS_LOG]")
+def serve(**options) -> None:
+    """Serve addressed batches and take loss posts over HTTP (FastAPI on uvicorn; OpenAPI at /docs).
+
+    Options override the BIRDIE_* environment variables, which override the defaults.
+    """
+    import pydantic
+
+    from objective_server.app import serve as run_server
+    from objective_server.corpus.errors import CorpusError
+    from objective_server.settings import Settings
+
+    given = {name: value for name, value in options.items() if value not in (None, ())}
+    try:
+        settings = Settings(**given)
+    except pydantic.ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        raise click.UsageError(problems) from None
+    try:
+        run_server(settings)
+    except (CorpusError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
