@@ -8,6 +8,7 @@ of the store and the service layer map to HTTP statuses here, in one place.
 from __future__ import annotations
 
 import logging
+import logging.config
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -86,6 +87,48 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def app_from_env() -> FastAPI:
     """The app for `uvicorn --factory`: settings from the BIRDIE_* environment."""
     return create_app(Settings())
+
+
+def serve(settings: Settings) -> None:
+    """Run the server with uvicorn until interrupted: `settings.workers` processes, each building
+    the app from the environment (so every worker gets identical settings)."""
+    import copy
+    import os
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    from objective_server.metrics import MULTIPROC_ENV
+    from objective_server.service import configured_runs, open_corpus
+
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["loggers"]["objective_server"] = {
+        "handlers": ["default"], "level": settings.log_level.upper(), "propagate": False,
+    }
+    logging.config.dictConfig(log_config)
+    configured_runs(settings)  # a bad run file fails here, once, not in every worker
+    # Prepare (or open) the corpus once, before the workers start: they then only open it.
+    corpus = open_corpus(settings)
+    settings = settings.model_copy(update={"corpus": corpus.path})
+    os.environ.update(settings.environment())
+    metrics_dir = None
+    if settings.workers > 1 and MULTIPROC_ENV not in os.environ:
+        metrics_dir = tempfile.mkdtemp(prefix="birdie-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    log.info(
+        "serving on http://%s:%d with %d worker(s); OpenAPI at /docs; store: %s; corpus: %s",
+        settings.host, settings.port, settings.workers, settings.store_description, corpus.path,
+    )
+    try:
+        uvicorn.run(
+            "objective_server.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+            workers=settings.workers, log_config=log_config, log_level=settings.log_level,
+            access_log=settings.access_log, timeout_graceful_shutdown=10,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> None:

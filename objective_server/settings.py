@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     policy_lock_ttl_s: float = Field(120.0, gt=0)
     policy_lock_wait_s: float = Field(30.0, gt=0)
     retry_after_s: int = Field(1, ge=1)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = False  # one line per request: off by default at batch rates
 
     @field_validator("run_files", "presets", mode="before")
     @classmethod
@@ -70,6 +71,11 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip() in ("", "memory://"):
             return None
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("api_token", mode="before")
     @classmethod
