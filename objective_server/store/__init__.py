@@ -29,7 +29,8 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def open_store(url: str | None, namespace: str = "birdie", timeout_s: float = 1.0) -> RunStore:
-    """The store for `url`: None, "" or "memory://" -> in-process; a Redis URL -> Redis."""
+    """The store for `url`: None, "" or "memory://" -> in-process; a Redis URL -> Redis
+    (`namespace` prefixes its keys, `timeout_s` bounds each Redis call)."""
     if url is None or url == "" or url == "memory://":
         return MemoryRunStore()
     if url.startswith(REDIS_SCHEMES):

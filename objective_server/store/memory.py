@@ -69,7 +69,7 @@ class _RunState:
     train_posts: dict[str, int] = field(default_factory=dict)
 
     def timeline(self) -> Timeline:
-        return Timeline(tuple((e, v) for v, e in enumerate(self.effective_steps)), self.max_served)
+        return Timeline(tuple(self.effective_steps), self.max_served)
 
 
 class MemoryRunStore:
@@ -120,14 +120,15 @@ class MemoryRunStore:
         with self._mutex:
             return json.loads(self._run(run).config_json)
 
-    async def mark_served(self, run: str, step: int) -> Timeline:
+    async def mark_served(self, run: str, step: int, known: Timeline | None = None) -> Timeline:
+        # `known` saves nothing in memory: the whole timeline is already here.
         check_step(step)
         with self._mutex:
             state = self._run(run)
             state.max_served = max(state.max_served, step)
             return state.timeline()
 
-    async def timeline(self, run: str) -> Timeline:
+    async def timeline(self, run: str, known: Timeline | None = None) -> Timeline:
         with self._mutex:
             return self._run(run).timeline()
 

@@ -79,26 +79,33 @@ class MixtureRecord:
 
 @dataclass(frozen=True)
 class Timeline:
-    """Which mixture version each step uses: entries of (effective_step, version), oldest first.
+    """Which mixture version each step uses. `effective_steps[v]` is the first step of version v.
 
+    The timeline only grows (a publish appends one version), so a caller that keeps the last one
+    it got can pass it as `known` and the store sends only the versions published since.
     Effective steps never decrease. Two publishes before any new step is served share an effective
     step; the later one wins, because nothing was served with the earlier one at that step.
     """
 
-    entries: tuple[tuple[int, int], ...]
+    effective_steps: tuple[int, ...]
     max_served: int  # -1 before the first batch
+
+    @property
+    def entries(self) -> tuple[tuple[int, int], ...]:
+        """(effective_step, version) pairs, oldest first."""
+        return tuple((effective, version) for version, effective in enumerate(self.effective_steps))
 
     def version_at(self, step: int) -> int:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        index = bisect.bisect_right([effective for effective, _ in self.entries], step) - 1
-        if index < 0:  # version 0 is effective from step 0, so only a malformed timeline gets here
+        version = bisect.bisect_right(self.effective_steps, step) - 1
+        if version < 0:  # version 0 is effective from step 0, so only a malformed timeline gets here
             raise ValueError(f"no mixture is effective at step {step}")
-        return self.entries[index][1]
+        return version
 
     @property
     def latest_version(self) -> int:
-        return self.entries[-1][1]
+        return len(self.effective_steps) - 1
 
 
 @dataclass(frozen=True)
@@ -229,10 +236,13 @@ class RunStore(Protocol):
     async def get_config(self, run: str) -> dict:
         """The config the run was created with."""
 
-    async def mark_served(self, run: str, step: int) -> Timeline:
-        """Atomically raise max_served to at least `step`; return the timeline of that moment."""
+    async def mark_served(self, run: str, step: int, known: Timeline | None = None) -> Timeline:
+        """Atomically raise max_served to at least `step`; return the timeline of that moment.
 
-    async def timeline(self, run: str) -> Timeline:
+        `known`: a timeline this store returned earlier for this run; only newer versions are
+        then read from the backend (the result is still the whole timeline)."""
+
+    async def timeline(self, run: str, known: Timeline | None = None) -> Timeline:
         """The current timeline and max_served, without serving anything."""
 
     async def mixture(self, run: str, version: int | None = None) -> MixtureRecord:

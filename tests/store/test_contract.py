@@ -201,6 +201,19 @@ async def test_publish_is_effective_after_the_highest_served_step(store, run):
     assert [m.effective_step for m in await store.mixture_history(run)] == [0, 42, 42, 51]
 
 
+async def test_a_known_timeline_is_extended_not_replaced(store, run):
+    known = await store.mark_served(run, 3)
+    await store.commit_policy(run, 0, b"", [], [0.2, 0.3, 0.5])
+    await store.commit_policy(run, 1, b"", [], [0.3, 0.3, 0.4])
+    full = await store.mark_served(run, 9)
+    assert full.entries == ((0, 0), (4, 1), (4, 2)) and full.max_served == 9
+    assert await store.mark_served(run, 9, known=known) == full
+    assert await store.timeline(run, known=full) == full
+    # A longer timeline than the run has cannot be this run's: the whole timeline comes back.
+    await store.create_run("r2", CONFIG, INITIAL, b"")
+    assert await store.timeline("r2", known=full) == await store.timeline("r2")
+
+
 async def test_commit_without_mixture_leaves_the_timeline(store, run):
     outcome = await store.commit_policy(run, 0, b"state-1", [], None, None)
     assert (outcome.ok, outcome.policy_version, outcome.mixture_version) == (True, 1, None)
@@ -226,8 +239,10 @@ async def test_served_steps_keep_their_mixture_under_concurrent_publishes(open_r
     rng = random.Random(3)
 
     async def serve(replica, rank):
+        timeline = None
         for step in range(60):
-            timeline = await replica.mark_served("r", step)
+            # Odd ranks pass what they know, so the incremental reads race the publishes too.
+            timeline = await replica.mark_served("r", step, known=timeline if rank % 2 else None)
             served.setdefault(step, set()).add(timeline.version_at(step))
             if rng.random() < 0.3:
                 await asyncio.sleep(0)

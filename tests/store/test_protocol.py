@@ -12,9 +12,10 @@ from objective_server.store import Aggregate, LossPost, Timeline
 
 
 def test_version_at_takes_the_last_entry_effective_by_then():
-    timeline = Timeline(((0, 0), (5, 1), (5, 2), (9, 3)), max_served=8)
+    timeline = Timeline((0, 5, 5, 9), max_served=8)
     assert [timeline.version_at(s) for s in (0, 4, 5, 8, 9, 10**9)] == [0, 0, 2, 2, 3, 3]
     assert timeline.latest_version == 3
+    assert timeline.entries == ((0, 0), (5, 1), (5, 2), (9, 3))
     with pytest.raises(ValueError, match="step"):
         timeline.version_at(-1)
 
@@ -24,7 +25,7 @@ def test_version_at_matches_a_linear_scan(increments, step):
     effective = [0]
     for increment in increments:
         effective.append(effective[-1] + increment)
-    timeline = Timeline(tuple((e, v) for v, e in enumerate(effective)), max_served=-1)
+    timeline = Timeline(tuple(effective), max_served=-1)
     assert timeline.version_at(step) == max(v for v, e in enumerate(effective) if e <= step)
 
 

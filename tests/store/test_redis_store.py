@@ -169,3 +169,20 @@ def test_open_store_picks_the_implementation():
         open_store("postgres://x")
     with pytest.raises(ValueError, match="namespace"):
         RedisRunStore.from_url("redis://127.0.0.1:1/0", namespace="a{b}")
+
+
+async def test_long_timelines_are_read_whole_and_incrementally(redis_server, store):
+    """Step-wise policies publish every step: 20k versions must not hit Lua's unpack limit."""
+    await store.create_run("r", CONFIG, INITIAL, b"")
+    # Appended directly: 20k commits through the API would make the test slow, not stronger.
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.rpush("birdie:run:{r}:timeline", *range(1, 20_000))
+    raw.rpush("birdie:run:{r}:mixtures", *[raw.lindex("birdie:run:{r}:mixtures", 0)] * 19_999)
+    full = await store.mark_served("r", 50)
+    assert full.effective_steps == tuple(range(20_000))
+    assert full.version_at(50) == 50
+    outcome = await store.commit_policy("r", 0, b"", [], [0.5, 0.5])
+    assert (outcome.mixture_version, outcome.effective_step) == (20_000, 51)
+    extended = await store.timeline("r", known=full)
+    assert extended.effective_steps == full.effective_steps + (51,)
+    raw.close()
