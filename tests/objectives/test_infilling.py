@@ -42,10 +42,15 @@ def test_sentinels_map_to_spans_and_reconstruct_the_text(objective, raw, seed):
     assert np.array_equal(text, raw)
     n = len(raw)
     assert sentinels == list(SPECIAL.sentinel_ids[: len(sentinels)])  # m0, m1, ... in order
-    assert len(spans) == span_count(n, objective.rate, objective.mean_span)
+    # Raw longer than raw_length allows may need more spans than the tokenizer has sentinels.
+    expected_spans = min(span_count(n, objective.rate, objective.mean_span),
+                         len(SPECIAL.sentinel_ids))
+    assert len(spans) == expected_spans
     assert sum(len(s) for s in spans) == noise_count(n, objective.rate)
     assert all(len(s) >= 1 for s in spans)
-    assert ex.size == objective.size(n) == 1 + n + 2 * len(spans)
+    assert ex.size == 1 + n + 2 * len(spans)
+    if expected_spans == span_count(n, objective.rate, objective.mean_span):
+        assert ex.size == objective.size(n)
 
 
 @property_test
