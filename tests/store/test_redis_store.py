@@ -186,3 +186,16 @@ async def test_long_timelines_are_read_whole_and_incrementally(redis_server, sto
     extended = await store.timeline("r", known=full)
     assert extended.effective_steps == full.effective_steps + (51,)
     raw.close()
+
+
+async def test_more_concurrent_calls_than_connections_wait_for_one(redis_server, store):
+    small_pool = RedisRunStore.from_url(redis_server.url, max_connections=4)
+    try:
+        await small_pool.create_run("r", CONFIG, INITIAL, b"")
+        timelines = await asyncio.gather(*(small_pool.mark_served("r", s) for s in range(200)))
+        assert max(t.max_served for t in timelines) == 199
+        # The default pool (64) under more calls than redis-py's own default limit (100).
+        timelines = await asyncio.gather(*(store.mark_served("r", s) for s in range(300)))
+        assert max(t.max_served for t in timelines) == 299
+    finally:
+        await small_pool.close()
