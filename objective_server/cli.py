@@ -10,6 +10,101 @@ def main() -> None:
     """Birdie objective server: prepare corpora, inspect objectives, serve batches."""
 
 
+# --- prepare -------------------------------------------------------------------------------------
+
+
+class _BadInput(click.ClickException):
+    """One line on stderr, exit status 2 (bad input, like click's usage errors)."""
+
+    exit_code = 2
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=str))
+@click.option("--out", type=click.Path(file_okay=False, path_type=str),
+              help="Folder to write the prepared corpus to (must not exist unless --overwrite). "
+                   "Without INPUT it defaults to the cache ($BIRDIE_CACHE or ~/.cache/birdie).")
+@click.option("--vocab-size", type=int, default=None,
+              help="Train a byte-level BPE with this many ids (default 8192).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Use this tokenizer.json instead of training one (missing special tokens are "
+                   "appended).")
+@click.option("--text-field", default="text", show_default=True,
+              help="JSON Lines field / Parquet column that holds the text.")
+@click.option("--validation-fraction", type=float, default=0.01, show_default=True,
+              help="Share of documents held out for validation (at least one document).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Chooses the held-out documents and the tokenizer's training sample.")
+@click.option("--workers", type=int, default=None,
+              help="Encoding processes (default: one per core for large corpora).")
+@click.option("--txt-docs-per-file", is_flag=True,
+              help="Each .txt file is one document (default: documents are separated by blank "
+                   "lines).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def prepare(inputs: tuple[str, ...], out: str | None, vocab_size: int | None,
+            tokenizer_path: str | None, text_field: str, validation_fraction: float, seed: int,
+            workers: int | None, txt_docs_per_file: bool, overwrite: bool, quiet: bool) -> None:
+    """Tokenize INPUT files or folders into a memory-mapped token store.
+
+    INPUT: .txt (documents separated by blank lines), .jsonl/.json (one JSON object per line),
+    .parquet, optionally gzipped (.txt.gz, .jsonl.gz); folders are read recursively in sorted
+    order. Without INPUT, prepares the embedded default corpus (the Python standard library's
+    docstrings).
+
+    Writes tokenizer.json, manifest.json and train/validation .tokens (token ids, an [EOD] after
+    every document) and .docs (document offsets).
+
+    \b
+    Examples:
+      birdie-server prepare data/ --out corpus/
+      birdie-server prepare books.jsonl.gz --out corpus/ --tokenizer tokenizer.json
+      birdie-server prepare            # the default corpus, into the cache
+    """
+    import time
+
+    from objective_server.corpus.errors import CorpusError
+
+    started = time.perf_counter()
+    try:
+        if inputs:
+            if out is None:
+                raise _BadInput("--out is required when INPUT is given")
+            from objective_server.corpus.prepare import prepare_corpus
+
+            summary = prepare_corpus(
+                list(inputs), out, vocab_size=vocab_size, tokenizer=tokenizer_path,
+                validation_fraction=validation_fraction, seed=seed, workers=workers,
+                text_field=text_field, txt_docs_per_file=txt_docs_per_file,
+                overwrite=overwrite, progress=not quiet,
+            )
+        else:
+            from objective_server.corpus import default
+
+            context = click.get_current_context()
+            given = [
+                "--" + name.replace("_", "-").removesuffix("-path")
+                for name in ("vocab_size", "tokenizer_path", "text_field", "validation_fraction",
+                             "seed", "txt_docs_per_file")
+                if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+            ]
+            if given:
+                raise _BadInput(f"{', '.join(given)}: only for INPUT files; the default corpus "
+                                "has fixed options (vocab 8192)")
+            if out is not None:
+                summary = default.prepare_default_corpus(out, workers=workers,
+                                                         overwrite=overwrite, progress=not quiet)
+            else:
+                from objective_server.corpus.prepare import PrepareSummary
+
+                store = default.default_store(progress=not quiet)
+                summary = PrepareSummary.of_manifest(store.path, store.manifest,
+                                                     time.perf_counter() - started)
+    except CorpusError as e:
+        raise _BadInput(str(e)) from None
+    click.echo(summary.describe())
+
+
 # --- objectives ----------------------------------------------------------------------------------
 
 

@@ -143,7 +143,7 @@ def prepare_default_corpus(
 ) -> PrepareSummary:
     """Prepare the default corpus into `out` (no caching)."""
     return prepare_corpus(
-        StdlibDocstrings(), out, vocab_size=DEFAULT_VOCAB_SIZE,
+        StdlibDocstrings(stdlib_root()), out, vocab_size=DEFAULT_VOCAB_SIZE,
         validation_fraction=DEFAULT_VALIDATION_FRACTION, seed=DEFAULT_SEED, workers=workers,
         overwrite=overwrite, progress=progress,
     )

@@ -234,7 +234,7 @@ def _scan(
     if sample_bytes:
         keep_fraction = min(1.0, sample_bytes / max(1, source.size_bytes()))
     with tqdm(desc="scanning", unit="doc", disable=not progress, leave=False) as bar:
-        for start, docs in chunk_documents(source):
+        for start, docs in chunk_documents(source, CHUNK_DOCS, CHUNK_CHARS):
             u = rule.uniforms(start, len(docs))
             scan.n_validation += int(np.count_nonzero(u < fraction))
             lo, hi = int(np.argmin(u)), int(np.argmax(u))
@@ -268,7 +268,7 @@ def _encode_pass(
     dtype: np.dtype, rule: ValidationRule, n_docs: int, workers: int, progress: bool,
 ) -> dict[str, layout.SplitInfo]:
     writers = {split: _SplitWriter(folder, split, dtype) for split in layout.SPLITS}
-    chunks = chunk_documents(source)
+    chunks = chunk_documents(source, CHUNK_DOCS, CHUNK_CHARS)  # read now: tests shrink them
     executor: ProcessPoolExecutor | None = None
     try:
         if workers > 1:
@@ -417,14 +417,14 @@ def prepare_corpus(
     """
     started = time.perf_counter()
     _check_options(vocab_size, tokenizer, validation_fraction, workers, tokenizer_sample_bytes)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists (pass overwrite to replace it)")
     source = (
         inputs if isinstance(inputs, DocumentSource)
         else FileSource.from_inputs(inputs, text_field=text_field,
                                     txt_docs_per_file=txt_docs_per_file)
     )
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists (pass overwrite to replace it)")
 
     added: list[str] = []
     if tokenizer is not None:
@@ -437,7 +437,8 @@ def prepare_corpus(
         scan, rule = _scan(source, seed, validation_fraction, tokenizer_sample_bytes, progress)
         log.info("scanned %d documents in %.1f s", scan.n_docs, time.perf_counter() - started)
         trained = time.perf_counter()
-        tok, special = train_tokenizer(scan.sample, vocab_size, length=len(scan.sample))
+        tok, special = train_tokenizer(scan.sample, vocab_size, length=len(scan.sample),
+                                       show_progress=progress)
         log.info("trained the tokenizer on %d documents (%d characters) in %.1f s",
                  len(scan.sample), scan.sample_chars, time.perf_counter() - trained)
         scan.sample = []  # free it before encoding

@@ -104,25 +104,32 @@ def corpus_files(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    # newline=None: \r\n and \r become \n, so documents do not depend on the writer's platform.
+def _open_binary(path: Path) -> io.BufferedIOBase:
     if path.name.lower().endswith(".gz"):
-        binary = gzip.open(path, "rb")
-        return io.TextIOWrapper(
-            io.BufferedReader(binary, READ_CHUNK_BYTES), encoding="utf-8", newline=None
-        )
-    return open(path, encoding="utf-8", newline=None, buffering=READ_CHUNK_BYTES)
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb", buffering=READ_CHUNK_BYTES)
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) pairs, turning I/O and decoding failures into CorpusError."""
-    lineno = 0
+    """(line number, line) pairs of a UTF-8 file, turning I/O and decoding failures into
+    CorpusError. Lines are decoded one by one so a bad byte is reported at its line; "\r\n"
+    becomes "\n" (documents do not depend on the writer's platform) and a leading BOM is dropped.
+    """
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(
+                        f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1} of "
+                        "the line)"
+                    ) from None
+                if lineno == 1 and line.startswith("\ufeff"):
+                    line = line[1:]
+                if line.endswith("\r\n"):
+                    line = line[:-2] + "\n"
                 yield lineno, line
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
     except (OSError, EOFError) as e:
         raise CorpusError(f"{path}: cannot read ({_reason(e)})") from None
 

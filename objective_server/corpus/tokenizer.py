@@ -63,7 +63,7 @@ def _special(token: str) -> AddedToken:
 
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int = 8192, *, length: int | None = None,
-    min_frequency: int = 2,
+    min_frequency: int = 2, show_progress: bool = False,
 ) -> tuple[Tokenizer, SpecialTokens]:
     """Train a byte-level BPE of (at most) `vocab_size` ids on `texts`.
 
@@ -84,7 +84,7 @@ def train_tokenizer(
         min_frequency=min_frequency,
         special_tokens=[_special(t) for t in canonical_tokens()],  # first: ids 0, 1, 2, ...
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
     for_corpus_text(tokenizer)

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from objective_server.cli import main
+from objective_server.corpus import default
+from objective_server.corpus.default import default_store_path
+from objective_server.corpus.store import TokenStore
+
+from .helpers import SMALL_VOCAB, english_documents, write_jsonl
+from .test_default import fake_stdlib  # noqa: F401  (fixture)
+
+
+def run(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(main, ["prepare", *args], env=env)
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_prepare_files_prints_a_summary(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "a.jsonl", english_documents(80), field="body")
+    out = tmp_path / "out"
+    result = run(str(corpus), "--out", str(out), "--vocab-size", str(SMALL_VOCAB),
+                 "--text-field", "body", "--validation-fraction", "0.1", "--seed", "4",
+                 "--workers", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    store = TokenStore.open(out)
+    n = {s: store.split(s).n_docs for s in store.splits}
+    tokens = store.split("train").n_tokens
+    assert result.stdout.strip().splitlines()[-1].startswith(f"prepared {out}: ")
+    assert f"{n['train']} train, {n['validation']} validation" in result.stdout
+    assert f"{tokens:,} train" in result.stdout
+    assert f"vocab {SMALL_VOCAB}" in result.stdout and "tokens/s" in result.stdout
+    assert store.manifest["options"]["seed"] == 4
+    assert store.manifest["options"]["validation_fraction"] == 0.1
+
+
+def test_given_tokenizer_and_txt_docs_per_file(tmp_path: Path) -> None:
+    from .test_tokenizer import write_word_level
+
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        (tmp_path / "data" / f"{i}.txt").write_text("hello\n\nworld\n")
+    tokenizer = write_word_level(tmp_path / "tok.json", ["<unk>", "hello", "world"])
+    result = run(str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--tokenizer",
+                 str(tokenizer), "--txt-docs-per-file", "--quiet")
+    assert result.exit_code == 0, result.output
+    store = TokenStore.open(tmp_path / "out")
+    assert sum(store.split(s).n_docs for s in store.splits) == 4  # one document per file
+    assert store.manifest["tokenizer"]["origin"] == "loaded"
+
+
+def test_help_describes_the_inputs() -> None:
+    result = CliRunner().invoke(main, ["prepare", "--help"])
+    assert result.exit_code == 0
+    for text in (".jsonl", ".parquet", "--vocab-size", "--tokenizer", "--text-field",
+                 "--validation-fraction", "--workers", "--txt-docs-per-file", "default corpus"):
+        assert text in result.output
+
+
+def test_missing_input(tmp_path: Path) -> None:
+    result = run(str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "nope.jsonl", "no such file or directory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_input(tmp_path: Path) -> None:
+    corpus = tmp_path / "a.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"text": oops}\n')
+    assert_one_line_error(run(str(corpus), "--out", str(tmp_path / "out"), "--quiet"),
+                          f"{corpus}:2: malformed JSON")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--vocab-size", "700", "--tokenizer", "t.json"], "either a vocab size"),
+    (["--validation-fraction", "1.5"], "validation fraction must be in (0, 1)"),
+    (["--workers", "0"], "workers must be at least 1"),
+])
+def test_bad_options(tmp_path: Path, args: list[str], fragment: str) -> None:
+    corpus = write_jsonl(tmp_path / "a.jsonl", english_documents(10))
+    assert_one_line_error(run(str(corpus), "--out", str(tmp_path / "out"), *args), fragment)
+
+
+def test_out_required_with_inputs(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "a.jsonl", english_documents(10))
+    assert_one_line_error(run(str(corpus)), "--out is required")
+
+
+def test_existing_out(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "a.jsonl", english_documents(10))
+    (tmp_path / "out").mkdir()
+    assert_one_line_error(run(str(corpus), "--out", str(tmp_path / "out")), "already exists")
+    result = run(str(corpus), "--out", str(tmp_path / "out"), "--overwrite", "--quiet",
+                 "--vocab-size", str(SMALL_VOCAB))
+    assert result.exit_code == 0, result.output
+
+
+def test_default_corpus_options_are_fixed(tmp_path: Path) -> None:
+    assert_one_line_error(run("--vocab-size", "1000", "--seed", "2"), "--vocab-size, --seed",
+                          "only for INPUT files")
+
+
+def test_default_corpus_into_out(fake_stdlib: Path, tmp_path: Path) -> None:  # noqa: F811
+    result = run("--out", str(tmp_path / "out"), "--quiet")
+    assert result.exit_code == 0, result.output
+    store = TokenStore.open(tmp_path / "out")
+    assert store.manifest["inputs"]["kind"] == "stdlib-docstrings"
+    assert Path(store.manifest["inputs"]["root"]) == fake_stdlib
+
+
+def test_default_corpus_into_the_cache(fake_stdlib: Path, tmp_path: Path) -> None:  # noqa: F811
+    env = {"BIRDIE_CACHE": str(tmp_path / "cache")}
+    first = run("--quiet", env=env)
+    assert first.exit_code == 0, first.output
+    path = default_store_path(tmp_path / "cache")
+    assert f"prepared {path}:" in first.stdout
+    manifest = json.loads((path / "manifest.json").read_text())
+    second = run("--quiet", env=env)  # reuses the cached store
+    assert second.exit_code == 0
+    assert json.loads((path / "manifest.json").read_text()) == manifest
+    assert default.default_store_path(tmp_path / "cache") == path
