@@ -62,7 +62,9 @@ def decode_arrow(payload: bytes) -> WireBatch:
     header = json.loads((reader.schema.metadata or {}).get(HEADER_KEY, b"{}"))
     arrays = {}
     for name in FIELDS:
-        column = table.column(name).combine_chunks()
+        chunks = table.column(name)
+        # combine_chunks() copies even a single chunk; a stream of one record batch needs no copy.
+        column = chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()
         length = column.type.list_size
         arrays[name] = column.flatten().to_numpy(zero_copy_only=True).reshape(-1, length)
     return WireBatch(arrays=arrays, header=header)
