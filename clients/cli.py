@@ -19,7 +19,9 @@ from typing import Any
 import click
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from clients.client import DEFAULT_URL, TOKEN_ENV, URL_ENV, BirdieClient, BirdieError
 from clients.wire import WireBatch, encode_json
@@ -64,8 +66,8 @@ def console() -> Console:
     return Console(soft_wrap=False)
 
 
-def fmt_number(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def fmt_number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 @main.command()
@@ -80,16 +82,17 @@ def mixture(client: BirdieClient, run: str, as_json: bool) -> None:
         return
     out = console()
     out.print(
-        f"[bold]{m.run}[/]  policy [cyan]{m.policy}[/]  version {m.version}  effective from step "
-        f"{m.effective_step}  max served {m.max_served}  exploration {fmt_number(m.exploration, 3)}"
+        f"[bold]{escape(m.run)}[/]  policy [cyan]{escape(m.policy)}[/]  version {m.version}  "
+        f"effective from step {m.effective_step}  max served {m.max_served}"
+        + ("" if m.exploration is None else f"  exploration {m.exploration:.3f}")
     )
     table = Table("configuration", "probability", "last loss", "reward")
     for name, p in m.probabilities.items():
-        table.add_row(name, f"{p:.4f}", fmt_number(m.last_losses.get(name)), fmt_number(m.rewards.get(name)))
+        table.add_row(Text(name), f"{p:.4f}", fmt_number(m.last_losses.get(name)), fmt_number(m.rewards.get(name)))
     out.print(table)
     families = Table("family", "probability")
     for family, p in m.families.items():
-        families.add_row(family, f"{p:.4f}")
+        families.add_row(Text(family), f"{p:.4f}")
     out.print(families)
 
 
@@ -106,13 +109,13 @@ def runs(client: BirdieClient, name: str | None, as_json: bool) -> None:
             return
         out = console()
         out.print(
-            f"[bold]{info.name}[/]  mixture version {info.mixture_version}  max served {info.max_served}  "
+            f"[bold]{escape(info.name)}[/]  mixture version {info.mixture_version}  max served {info.max_served}  "
             f"vocab {info.vocab_size}"
         )
         out.print(f"eval steps: {', '.join(map(str, info.eval_steps)) or '-'}")
-        out.print("special tokens: " + ", ".join(f"{k}={v}" for k, v in info.special_tokens.items()))
+        out.print(Text("special tokens: " + ", ".join(f"{k}={v}" for k, v in info.special_tokens.items())))
         config = {k: v for k, v in info.config.items() if k != "arms"}
-        out.print("config: " + json.dumps(config, sort_keys=True))
+        out.print(Text("config: " + json.dumps(config, sort_keys=True)))
         out.print(objectives_table(info.objectives))
         return
     summaries = client.runs()
@@ -121,14 +124,14 @@ def runs(client: BirdieClient, name: str | None, as_json: bool) -> None:
         return
     table = Table("run", "policy", "objectives", "seq_len", "batch", "mixture version", "max served")
     for s in summaries:
-        table.add_row(s.name, s.policy, str(s.objectives), str(s.seq_len), str(s.batch_size), str(s.mixture_version), str(s.max_served))
+        table.add_row(Text(s.name), Text(s.policy), str(s.objectives), str(s.seq_len), str(s.batch_size), str(s.mixture_version), str(s.max_served))
     console().print(table)
 
 
 def objectives_table(objectives: list) -> Table:
     table = Table("configuration", "family", "parameters")
     for o in objectives:
-        table.add_row(o.name, o.family, json.dumps(o.params, sort_keys=True))
+        table.add_row(Text(o.name), Text(o.family), Text(json.dumps(o.params, sort_keys=True)))
     return table
 
 
@@ -188,7 +191,8 @@ def batch(
     if examples is not None:
         table = Table("row", "offset", "objective", "input", "label", show_lines=True)
         for e in examples:
-            table.add_row(str(e.get("row")), str(e.get("offset")), str(e.get("objective")), e.get("input", ""), e.get("label", ""))
+            # Text, not markup: decoded text is full of bracketed special tokens like [COPY].
+            table.add_row(str(e.get("row")), str(e.get("offset")), Text(str(e.get("objective"))), Text(e.get("input", "")), Text(e.get("label", "")))
         out.print(table)
 
 
@@ -207,7 +211,7 @@ def batch_summary(wire: WireBatch) -> Table:
     size = max(len(names), int(ids.max()) + 1 if ids.size else 0)
     positions = np.bincount(ids[ids >= 0], minlength=size)
     labelled = np.bincount(ids[(ids >= 0) & (wire["label_ids"] != IGNORE_INDEX)], minlength=size)
-    table = Table("objective", "positions", "label tokens", title=title)
+    table = Table("objective", "positions", "label tokens", title=Text(title))
     for i in np.flatnonzero(positions):
-        table.add_row(names[i] if i < len(names) else f"#{i}", str(positions[i]), str(labelled[i]))
+        table.add_row(Text(names[i] if i < len(names) else f"#{i}"), str(positions[i]), str(labelled[i]))
     return table

@@ -220,7 +220,7 @@ class FakeBirdieServer:
             if params.get("decode") == "1":
                 examples = [
                     {"row": r, "offset": 0, "objective": OBJECTIVES[int(arrays["objective_ids"][r, 0])],
-                     "input_tokens": 1, "label_tokens": 1, "input": f"input text of row {r}", "label": f"label text of row {r}"}
+                     "input_tokens": 1, "label_tokens": 1, "input": f"[COPY] input text of row {r}", "label": f"label text of row {r} [DONE]"}
                     for r in range(self.shape[0])
                 ]
             return json_response(200, encode_json(arrays, header, examples))

@@ -114,7 +114,7 @@ def test_validation_and_decoded_batches(server: FakeBirdieServer) -> None:
     assert validation.header["split"] == "validation"
     np.testing.assert_array_equal(vbatch["label_ids"], validation["label_ids"])
     np.testing.assert_array_equal(batch["input_ids"], batch_arrays(5, 0, 1, "train", 0, server.shape)["input_ids"])
-    assert [e["row"] for e in examples] == [0, 1] and examples[0]["input"] == "input text of row 0"
+    assert [e["row"] for e in examples] == [0, 1] and examples[0]["input"] == "[COPY] input text of row 0"
     assert len(vexamples) == 2
     params = [s.params for s in server.requests("/batch")]
     assert params[0] == {"run": RUN, "split": "validation", "objective": "copying.len64", "index": "3"}
