@@ -90,7 +90,7 @@ class BatchService:
 
     async def _mark_served(self, context: RunContext, step: int) -> Timeline:
         try:
-            timeline = await self.store.mark_served(context.name, step)
+            timeline = await self.store.mark_served(context.name, step, known=context.timeline)
         except StoreUnavailable:
             cached = context.timeline
             if cached is None or step > cached.max_served:

@@ -133,7 +133,7 @@ class LossService:
 
     async def _latest_version(self, context: RunContext) -> int | None:
         try:
-            timeline = await self.store.timeline(context.name)
+            timeline = await self.store.timeline(context.name, known=context.timeline)
         except StoreUnavailable:
             return None
         context.remember(timeline)

@@ -61,7 +61,7 @@ class RunContext:
         """Keep the newest timeline (both its entries and max_served only ever grow)."""
         old = self.timeline
         if old is None or (
-            timeline.max_served >= old.max_served and len(timeline.entries) >= len(old.entries)
+            timeline.max_served >= old.max_served and len(timeline.effective_steps) >= len(old.effective_steps)
         ):
             self.timeline = timeline
 

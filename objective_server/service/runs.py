@@ -39,7 +39,7 @@ class RunService:
         out = []
         for name in await self.store.list_runs():
             context = await self.registry.get(name)
-            timeline = await self.store.timeline(name)
+            timeline = await self.store.timeline(name, known=context.timeline)
             context.remember(timeline)
             c = context.config
             out.append(RunSummary(
@@ -50,7 +50,7 @@ class RunService:
 
     async def info(self, run: str) -> RunInfo:
         context = await self.registry.get(run)
-        timeline = await self.store.timeline(run)
+        timeline = await self.store.timeline(run, known=context.timeline)
         context.remember(timeline)
         c = context.config
         return RunInfo(
@@ -68,7 +68,7 @@ class RunService:
         """
         context = await self.registry.get(run)
         record = await self.store.mixture(run)
-        timeline = await self.store.timeline(run)
+        timeline = await self.store.timeline(run, known=context.timeline)
         context.remember(timeline)
         policy_version, state = await self.store.policy_state(run)
         described: dict[str, Any] = context.policy.describe(state)
@@ -91,7 +91,7 @@ class RunService:
     async def history(self, run: str) -> MixtureHistoryResponse:
         context = await self.registry.get(run)
         records = await self.store.mixture_history(run)
-        timeline = await self.store.timeline(run)
+        timeline = await self.store.timeline(run, known=context.timeline)
         context.remember(timeline)
         return MixtureHistoryResponse(
             run=run,

@@ -1,0 +1,76 @@
+"""Mixture policies that publish (the shipped `fixed` one never does), for the server tests.
+
+`rotating` records every observation it is given in its state and publishes a new mixture each
+time, so a test can count policy updates exactly and see mixtures change mid-run. `app()` is a
+uvicorn factory that registers these policies and builds the real app from the environment, so a
+test server process (and each of its workers) knows them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from objective_server.policies import POLICIES, Decision, Policy
+from objective_server.runs import RunConfig
+from objective_server.store import Aggregate
+
+
+class RotatingPolicy(Policy):
+    """Every observation: append (split, step) to the state and move the mixture's weight on."""
+
+    name = "rotating"
+    observes = ("validation",)
+
+    def __init__(self, config: RunConfig, delay_s: float = 0.0) -> None:
+        super().__init__(config)
+        self.delay_s = delay_s  # widens the window in which concurrent posts could double-apply
+
+    def initial_state(self) -> bytes:
+        return json.dumps({"observed": []}).encode()
+
+    def update(self, state: bytes, observation: Aggregate) -> Decision:
+        time.sleep(self.delay_s)
+        s = json.loads(state)
+        s["observed"].append([observation.split, observation.step])
+        return Decision(
+            state=json.dumps(s).encode(),
+            probabilities=rotated(len(self.config.arms), len(s["observed"])),
+            meta={"observations": len(s["observed"])},
+        )
+
+    def describe(self, state: bytes) -> dict[str, Any]:
+        s = json.loads(state)
+        return {**s, "evaluations": len(s["observed"])}
+
+
+class RotatingTrainPolicy(RotatingPolicy):
+    """The same, for a step-wise policy that observes every training step."""
+
+    name = "rotating-train"
+    observes = ("train",)
+
+
+def rotated(k: int, n: int) -> list[float]:
+    """Half the weight on configuration n mod k, the rest spread evenly."""
+    if k == 1:
+        return [1.0]
+    p = [0.5 / (k - 1)] * k
+    p[n % k] = 0.5
+    return p
+
+
+def register() -> None:
+    for cls in (RotatingPolicy, RotatingTrainPolicy):
+        POLICIES.setdefault(cls.name, cls)
+
+
+def app():
+    """uvicorn factory: the real app (settings from BIRDIE_*), with the test policies known."""
+    from objective_server.app import app_from_env
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    register()
+    return app_from_env()

@@ -1,0 +1,319 @@
+"""Every route through the real app in-process (httpx ASGI transport, in-process store): formats,
+content negotiation, validation batches, run creation, mixtures and their timeline, auth, and
+malformed or hostile requests that must get a 4xx and leave the state untouched."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from clients.wire import ARROW_MEDIA_TYPE, FIELDS, decode_arrow, decode_json
+from objective_server.objectives.presets import list_presets, preset
+from objective_server.packing import IGNORE_INDEX, PADDING, PREFIX, SUFFIX
+from server.conftest import BATCH_SIZE, SEQ_LEN, run_config
+
+pytestmark = pytest.mark.anyio
+
+
+async def batch(client, **params):
+    params = {"run": "small", "step": 0, **params}
+    response = await client.get("/batch", params=params)
+    assert response.status_code == 200, response.text
+    return response
+
+
+async def state_of(client, run="small"):
+    """Everything a request could change: mixture (with policy state and training totals),
+    history, run list and run info."""
+    return (
+        (await client.get("/mixture", params={"run": run})).json(),
+        (await client.get("/mixture/history", params={"run": run})).json(),
+        (await client.get("/runs")).json(),
+        (await client.get(f"/runs/{run}")).json(),
+    )
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+async def test_batch_is_arrow_by_default_and_json_on_request_with_identical_arrays(app_client):
+    client = await app_client()
+    arrow = await batch(client, step=3, rank=1, world_size=2)
+    assert arrow.headers["content-type"] == ARROW_MEDIA_TYPE
+    assert arrow.headers["x-birdie-mixture-version"] == "0"
+    wire = decode_arrow(arrow.content)
+    assert wire.shape == (BATCH_SIZE, SEQ_LEN)
+    assert wire.header["run"] == "small" and wire.header["step"] == 3 and wire.header["rank"] == 1
+    assert wire.header["world_size"] == 2 and wire.header["mixture_version"] == 0
+    assert len(wire.objectives) == 7
+
+    by_param = await batch(client, step=3, rank=1, world_size=2, format="json")
+    by_accept = await client.get("/batch", params={"run": "small", "step": 3, "rank": 1, "world_size": 2},
+                                 headers={"Accept": "application/json"})
+    assert by_param.headers["content-type"] == by_accept.headers["content-type"] == "application/json"
+    assert by_param.content == by_accept.content
+    as_json = decode_json(by_param.json())
+    assert as_json.header == wire.header
+    for name in FIELDS:
+        assert as_json[name].dtype == np.int32
+        np.testing.assert_array_equal(as_json[name], wire[name])
+
+
+async def test_decoded_examples_describe_the_packed_arrays(app_client):
+    client = await app_client()
+    body = (await batch(client, step=1, decode=1)).json()  # decode=1 implies JSON
+    examples = body["examples"]
+    segments = np.asarray(body["arrays"]["segment_ids"])
+    assert len(examples) == int(segments.max(axis=1).sum())
+    for ex in examples:
+        assert ex["objective"] in body["objectives"]
+        assert ex["input_tokens"] > 0 and ex["label_tokens"] > 0
+        assert isinstance(ex["input"], str) and ex["input"].startswith("[")  # the paradigm token
+    bad = await client.get("/batch", params={"run": "small", "step": 1, "decode": 1, "format": "arrow"})
+    assert bad.status_code == 422 and "format=json" in bad.json()["detail"]
+
+
+async def test_an_address_replays_byte_identical_even_when_regenerated(app_client):
+    client = await app_client(cache_size=1, prefetch_depth=0)
+    first = (await batch(client, step=5, rank=0, world_size=2)).content
+    for step in range(6, 9):  # push step 5 out of the one-entry cache
+        await batch(client, step=step, rank=0, world_size=2)
+    assert (await batch(client, step=5, rank=0, world_size=2)).content == first
+    other_rank = (await batch(client, step=5, rank=1, world_size=2)).content
+    assert decode_arrow(other_rank)["input_ids"].tolist() != decode_arrow(first)["input_ids"].tolist()
+
+
+async def test_validation_batches_are_fixed_held_out_and_in_the_training_format(app_client):
+    client = await app_client()
+    names = [o["name"] for o in (await client.get("/objectives", params={"run": "small"})).json()]
+    for objective_id, name in enumerate(names):
+        params = {"run": "small", "split": "validation", "objective": name, "index": 1}
+        wire = decode_arrow((await client.get("/batch", params=params)).content)
+        assert wire.header["split"] == "validation" and wire.header["objective"] == name
+        assert wire.header["mixture_version"] is None
+        mask, labels, objective_ids = wire["attention_mask"], wire["label_ids"], wire["objective_ids"]
+        assert set(np.unique(mask)) <= {PADDING, PREFIX, SUFFIX} and (mask == SUFFIX).any()
+        assert (labels[mask == PREFIX] == IGNORE_INDEX).all()  # suffix-only labels
+        assert (labels[mask == SUFFIX] != IGNORE_INDEX).all()
+        assert set(np.unique(objective_ids[mask != PADDING])) == {objective_id}
+        again = await client.get("/batch", params=params)
+        assert decode_arrow(again.content)["input_ids"].tolist() == wire["input_ids"].tolist()
+
+    # Held out: no validation row equals a training row of the first steps.
+    val = decode_arrow((await client.get("/batch", params={
+        "run": "small", "split": "validation", "objective": names[0], "index": 0})).content)
+    train = np.concatenate([decode_arrow((await batch(client, step=s)).content)["input_ids"] for s in range(4)])
+    assert not any((row == t).all() for row in val["input_ids"] for t in train)
+
+    for params, message in [
+        ({"objective": "infilling.nope"}, "has no objective configuration"),
+        ({}, "objective=NAME"),
+        ({"objective": names[0], "index": 2}, "validation batches 0..1"),
+    ]:
+        response = await client.get("/batch", params={"run": "small", "split": "validation", **params})
+        assert response.status_code == 422 and message in response.json()["detail"], response.text
+
+
+async def test_mixture_changes_apply_from_the_step_after_the_highest_served(app_client):
+    client = await app_client(run_files=[], drain_interval_s=0.01)
+    created = await client.post("/runs", json=run_config("rot", policy={"name": "rotating"}))
+    assert created.status_code == 201, created.text
+    before = {s: (await batch(client, run="rot", step=s)).content for s in range(4)}  # max_served = 3
+    names = [o["name"] for o in created.json()["objectives"]]
+    post = {"run": "rot", "step": 4, "split": "validation", "losses": {names[0]: 2.0}, "tokens": {names[0]: 10}}
+    answer = (await client.post("/losses", json=post)).json()
+    assert answer["completed"] and answer["policy_updated"] and answer["mixture_version"] == 1
+
+    history = (await client.get("/mixture/history", params={"run": "rot"})).json()
+    assert history["timeline"] == [[0, 0], [4, 1]]
+    assert history["mixtures"][1]["created_at_step"] == 4
+    mixture = (await client.get("/mixture", params={"run": "rot"})).json()
+    assert mixture["version"] == 1 and mixture["effective_step"] == 4
+    assert mixture["probabilities"][names[1]] == pytest.approx(0.5)
+    assert mixture["families"]["infilling"] + mixture["families"]["prefix_lm"] == pytest.approx(1.0)
+    assert mixture["meta"]["policy_state"]["observed"] == [["validation", 4]]
+
+    for step, content in before.items():  # served before the publish: unchanged
+        assert (await batch(client, run="rot", step=step)).content == content
+    assert (await batch(client, run="rot", step=4)).headers["x-birdie-mixture-version"] == "1"
+
+
+# --- runs, objectives, tokenizer, metrics -------------------------------------------------------
+
+
+async def test_post_runs_creates_accepts_identical_and_refuses_a_changed_config(app_client):
+    client = await app_client()
+    config = run_config("second", preset="decoder-ul2")
+    created = await client.post("/runs", json=config)
+    assert created.status_code == 201
+    info = created.json()
+    assert info["name"] == "second" and len(info["objectives"]) == 4
+    assert info["vocab_size"] == 1024 and info["special_tokens"]["[PAD]"] == 0
+    assert info["eval_steps"] == [4, 8, 12] and info["max_served"] == -1
+
+    again = await client.post("/runs", json=config)
+    assert again.status_code == 200 and again.json() == info
+    changed = await client.post("/runs", json={**config, "seed": 8})
+    assert changed.status_code == 409 and "different config" in changed.json()["detail"]
+    assert (await client.get("/runs/second")).json()["config"]["seed"] == 7
+
+    runs = (await client.get("/runs")).json()["runs"]
+    assert [r["name"] for r in runs] == ["second", "small"]
+    assert runs[0]["objectives"] == 4 and runs[0]["seq_len"] == SEQ_LEN
+
+
+async def test_objectives_lists_every_preset_configuration_or_one_runs(app_client):
+    client = await app_client()
+    listed = (await client.get("/objectives", params={"seq_len": 512})).json()
+    expected = {o.name for name in list_presets() for o, _ in preset(name, 512)}
+    assert {o["name"] for o in listed} == expected and len(listed) == len(expected)
+    one = (await client.get("/objectives", params={"run": "small"})).json()
+    assert [o["family"] for o in one] == ["infilling"] * 6 + ["prefix_lm"]
+    assert one[0]["params"]["mean_span"] == 3
+    assert (await client.get("/objectives", params={"seq_len": 64})).status_code == 422
+
+
+async def test_tokenizer_is_the_corpus_tokenizer(app_client, corpus_path):
+    client = await app_client()
+    response = await client.get("/tokenizer")
+    assert response.status_code == 200
+    assert response.content == (corpus_path / "tokenizer.json").read_bytes()
+    assert Tokenizer.from_str(response.text).get_vocab_size() == 1024
+
+
+async def test_metrics_count_batches_and_loss_posts(app_client):
+    client = await app_client()
+    await batch(client, step=0)
+    await batch(client, step=0, format="json")
+    name = (await client.get("/objectives", params={"run": "small"})).json()[0]["name"]
+    await client.post("/losses", json={"run": "small", "step": 0, "losses": {name: 1.0}, "tokens": {name: 3}})
+    text = (await client.get("/metrics")).text
+    assert 'birdie_batches_served_total{format="arrow",run="small",split="train"} 1.0' in text
+    assert 'birdie_batches_served_total{format="json",run="small",split="train"} 1.0' in text
+    assert f'birdie_tokens_served_total{{run="small",split="train"}} {2.0 * BATCH_SIZE * SEQ_LEN}' in text
+    assert 'birdie_loss_posts_total{run="small",split="train",status="accepted"} 1.0' in text
+
+
+async def test_health_readiness_and_openapi(app_client):
+    client = await app_client()
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = (await client.get("/readyz")).json()
+    assert ready["status"] == "ready" and "in-process" in ready["store"]
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path in ("/batch", "/losses", "/mixture", "/mixture/history", "/runs", "/runs/{run}", "/objectives",
+                 "/tokenizer", "/healthz", "/readyz", "/metrics"):
+        assert path in paths
+    assert "swagger" in (await client.get("/docs")).text.lower()
+
+
+# --- auth ----------------------------------------------------------------------------------------
+
+
+async def test_a_configured_token_guards_every_route_but_liveness_and_readiness(app_client):
+    client = await app_client(api_token="s3cret")
+    guarded = ["/batch?run=small&step=0", "/mixture?run=small", "/mixture/history?run=small", "/runs",
+               "/runs/small", "/objectives", "/tokenizer", "/metrics", "/openapi.json", "/docs"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
+                    {"Authorization": "Bearer s3cret-and-more"}, {"Authorization": "s3cret"}):
+        for path in guarded:
+            response = await client.get(path, headers=headers)
+            assert response.status_code == 401, (path, headers)
+            assert response.headers["www-authenticate"] == "Bearer"
+        denied = await client.post("/losses", headers=headers, json={})
+        assert denied.status_code == 401
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
+    good = {"Authorization": "Bearer s3cret"}
+    for path in guarded:
+        assert (await client.get(path, headers=good)).status_code == 200, path
+
+
+# --- malformed and hostile requests --------------------------------------------------------------
+
+
+async def test_malformed_and_hostile_requests_get_4xx_and_change_nothing(app_client):
+    client = await app_client(max_body_bytes=4096, max_request_tokens=4096)
+    name = (await client.get("/objectives", params={"run": "small"})).json()[0]["name"]
+    # Some real state first, so "unchanged" means something.
+    await batch(client, step=2)
+    post = {"run": "small", "step": 1, "rank": 0, "world_size": 2, "split": "train",
+            "losses": {name: 2.5}, "tokens": {name: 40}}
+    assert (await client.post("/losses", json=post)).json()["status"] == "accepted"
+    before = await state_of(client)
+
+    bad_batches = [
+        ({"run": "nope", "step": 0}, 404),
+        ({"run": "../../etc", "step": 0}, 404),
+        ({"run": "small", "step": -1}, 422),
+        ({"run": "small", "step": 2**31}, 422),
+        ({"run": "small", "step": 10**30}, 422),
+        ({"run": "small", "step": "abc"}, 422),
+        ({"run": "small"}, 422),  # training needs a step
+        ({"run": "small", "step": 0, "rank": 2, "world_size": 2}, 422),
+        ({"run": "small", "step": 0, "rank": -1}, 422),
+        ({"run": "small", "step": 0, "world_size": 0}, 422),
+        ({"run": "small", "step": 0, "world_size": 10**6}, 422),
+        ({"run": "small", "step": 0, "format": "xml"}, 422),
+        ({"run": "small", "step": 0, "split": "test"}, 422),
+        ({"run": "small", "step": 0, "index": -3, "split": "validation", "objective": name}, 422),
+    ]
+    for params, status in bad_batches:
+        response = await client.get("/batch", params=params)
+        assert response.status_code == status, (params, response.text)
+        assert "detail" in response.json()
+
+    bad_posts = [
+        ({**post, "run": "nope"}, 404),
+        ({**post, "losses": {"copying.len64": 1.0}, "tokens": {"copying.len64": 1}}, 422),
+        ({**post, "losses": {name: 1.0}, "tokens": {}}, 422),
+        ({**post, "losses": {}, "tokens": {}}, 422),
+        ({**post, "losses": {name: -1.0}}, 422),
+        ({**post, "losses": {name: 1e300}}, 422),
+        ({**post, "tokens": {name: -5}}, 422),
+        ({**post, "tokens": {name: 2**62}}, 422),
+        ({**post, "tokens": {name: 1.5}}, 422),
+        ({**post, "rank": 2}, 422),
+        ({**post, "world_size": 0}, 422),
+        ({**post, "step": -1}, 422),
+        ({**post, "step": 2**40}, 422),
+        ({**post, "step": "one"}, 422),
+        ({**post, "split": "test"}, 422),
+        ({**post, "extra": 1}, 422),
+        ({**post, "losses": "2.5"}, 422),
+        ({**post, "rank": 1, "world_size": 3}, 409),  # train step 1 already has world_size 2
+    ]
+    for body, status in bad_posts:
+        response = await client.post("/losses", json=body)
+        assert response.status_code == status, (body, response.text)
+    for raw in (b'{"run": "small", "step": 1, "losses": {"%s": NaN}, "tokens": {"%s": 1}}',
+                b'{"run": "small", "step": 1, "losses": {"%s": Infinity}, "tokens": {"%s": 1}}',
+                b'{"run": "small", "step": 1, "losses": {"%s": -Infinity}, "tokens": {"%s": 1}}'):
+        response = await client.post("/losses", content=raw.replace(b"%s", name.encode()),
+                                     headers={"Content-Type": "application/json"})
+        assert response.status_code == 422 and "finite" in response.text
+    for raw in (b"{not json", b"", b"[]", b"null", json.dumps({"run": "small"}).encode()):
+        response = await client.post("/losses", content=raw, headers={"Content-Type": "application/json"})
+        assert response.status_code == 422, raw
+    huge = {**post, "losses": {f"x{i}": 1.0 for i in range(1000)}}
+    response = await client.post("/losses", json=huge)
+    assert response.status_code == 413 and "4096 bytes" in response.json()["detail"]
+
+    bad_runs = [
+        (run_config("bad", policy={"name": "no-such-policy"}), 422, "unknown policy"),
+        (run_config("bad", policy={"name": "fixed", "options": {"speed": 3}}), 422, "speed"),
+        (run_config("bad", batch_size=64), 422, "above this server's limit"),
+        (run_config("bad", preset="no-such-preset"), 422, "unknown preset"),
+        (run_config("bad/../x"), 422, "pattern"),
+        ({**run_config("bad"), "preset": None, "arms": [{"objective": "infilling.nope", "probability": 1}]}, 422, ""),
+        ({**run_config("bad"), "unknown_field": 1}, 422, ""),
+        (run_config("bad", seq_len=10**9), 422, ""),
+    ]
+    for config, status, message in bad_runs:
+        response = await client.post("/runs", json=config)
+        assert response.status_code == status and message in response.text, (config, response.text)
+
+    assert await state_of(client) == before
+
