@@ -178,7 +178,7 @@ def batch(
         raise click.UsageError(f"--rank must be below --world-size ({rank} >= {world_size})")
     examples: list[dict] | None = None
     if decode:
-        wire, examples = client.decoded_batch(run, step or 0, rank, world_size, objective=objective, index=index)
+        wire, examples = client.decoded_batch(run, step, rank, world_size, objective=objective, index=index)
     elif objective is not None:
         wire = client.validation_batch(run, objective, index)
     else:

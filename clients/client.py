@@ -254,7 +254,8 @@ class BirdieClient:
         retries: float | None = None,
         abort: threading.Event | None = None,
     ) -> httpx.Response:
-        """Send one request, retrying transient failures; return the 2xx response or raise.
+        """Send one request, retrying transient failures; return the 2xx response or raise. The
+        typed calls below are built on it; use it directly for anything they do not cover.
 
         retries: overrides the client's count (math.inf retries until success or abort).
         abort: once set, a pending backoff ends at once and `BirdieAborted` is raised.
@@ -319,16 +320,18 @@ class BirdieClient:
     def decoded_batch(
         self,
         run: str,
-        step: int = 0,
+        step: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         *,
         objective: str | None = None,
         index: int = 0,
     ) -> tuple[WireBatch, list[dict[str, Any]]]:
-        """A training batch (or, with `objective`, validation batch `index` of that configuration)
-        with each packed example decoded to text by the server:
+        """Training batch `step` (or, with `objective` instead, validation batch `index` of that
+        configuration) with each packed example decoded to text by the server:
         (batch, [{row, offset, objective, input_tokens, label_tokens, input, label}, ...])."""
+        if (step is None) == (objective is None):
+            raise ValueError("give a training step or a validation objective, not both or neither")
         if objective is None:
             address = training_address(run, step, rank, world_size)
         else:

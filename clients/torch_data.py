@@ -13,6 +13,7 @@ reads its workers in turn, so steps still arrive in order.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -77,6 +78,7 @@ class BirdieIterableDataset(IterableDataset):
         **client_options: Any,
     ) -> None:
         super().__init__()
+        inspect.signature(BirdieClient).bind(url, token, **client_options)  # a typo fails here, not in a worker
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
         if start_step < 0 or (end_step is not None and end_step < start_step):

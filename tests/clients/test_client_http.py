@@ -129,6 +129,8 @@ def test_bad_addresses_are_refused_before_the_wire(server: FakeBirdieServer) -> 
             client.batch(RUN, step=0, rank=2, world_size=2)
         with pytest.raises(ValueError, match="fmt"):
             client.batch(RUN, step=0, fmt="csv")
+        with pytest.raises(ValueError, match="not both"):
+            client.decoded_batch(RUN, 1, objective="next_token")
     assert server.requests() == []
     with pytest.raises(ValueError, match="http"):
         BirdieClient("localhost:8000")

@@ -57,6 +57,8 @@ def test_rank_and_world_size_come_from_torch_distributed(server: FakeBirdieServe
     assert (explicit.rank, explicit.world_size) == (0, 2)
     with pytest.raises(ValueError, match="both"):
         BirdieIterableDataset(server.url, RUN, rank=1)
+    with pytest.raises(TypeError):
+        BirdieIterableDataset(server.url, RUN, retires=3)
 
 
 def test_dataloader_workers_split_steps_and_keep_the_order(server: FakeBirdieServer) -> None:
