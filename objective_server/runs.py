@@ -22,6 +22,8 @@ from objective_server.objectives.presets import preset as preset_arms
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # The paper's evaluation steps; every 1000 after the last one.
 BIRDIE_EVAL_STEPS = (10, 50, 250, 500, 1000, 1500, 2000)
+# The paper's controller takes permanent control at this evaluation (scaled like the schedule).
+BIRDIE_CONTROL_STEP = 250
 # Runs at least this long use the schedule as is; shorter runs scale it down.
 FULL_SCHEDULE_STEPS = 20_000
 
@@ -112,14 +114,36 @@ class RunConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+def _scaled_schedule(total_steps: int) -> list[tuple[int, int]]:
+    """(paper step, this run's step) for every evaluation of a run of `total_steps` steps."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    paper = [*BIRDIE_EVAL_STEPS, *range(3000, max(total_steps, FULL_SCHEDULE_STEPS) + 1, 1000)]
+    scale = min(1.0, total_steps / FULL_SCHEDULE_STEPS)
+    pairs: list[tuple[int, int]] = []
+    for step in paper:
+        # Half-up rounding, and never merge two evaluations: in a short run the early ones would
+        # otherwise collapse onto step 1 and the controller would take control with no history.
+        scaled = max(int(step * scale + 0.5), pairs[-1][1] + 1 if pairs else 1)
+        if scaled > total_steps:
+            break
+        pairs.append((step, scaled))
+    return pairs
+
+
 def evaluation_schedule(total_steps: int) -> list[int]:
     """Birdie's evaluation steps (10, 50, 250, 500, 1000, 1500, 2000, then every 1000), scaled
-    down proportionally for runs shorter than FULL_SCHEDULE_STEPS."""
-    steps = list(BIRDIE_EVAL_STEPS)
-    steps += range(3000, max(total_steps, FULL_SCHEDULE_STEPS) + 1, 1000)
-    scale = min(1.0, total_steps / FULL_SCHEDULE_STEPS)
-    scaled = sorted({max(1, round(s * scale)) for s in steps})
-    return [s for s in scaled if s <= total_steps]
+    down proportionally for runs shorter than FULL_SCHEDULE_STEPS, strictly increasing."""
+    return [scaled for _, scaled in _scaled_schedule(total_steps)]
+
+
+def control_step(total_steps: int) -> int:
+    """The step at which Birdie's controller takes permanent control (the paper's step 250, scaled
+    like `evaluation_schedule`; after the last step if the run is too short to reach it)."""
+    for paper, scaled in _scaled_schedule(total_steps):
+        if paper == BIRDIE_CONTROL_STEP:
+            return scaled
+    return total_steps + 1
 
 
 def load_run_configs(path: str | Path) -> list[RunConfig]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from objective_server.policies.base import Decision, Policy
+from objective_server.policies.birdie import BirdiePolicy
+from objective_server.policies.exp3 import Exp3Policy
 from objective_server.policies.fixed import FixedPolicy
 from objective_server.runs import RunConfig
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedPolicy,)}
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedPolicy, BirdiePolicy, Exp3Policy)}
 
 
 def make_policy(config: RunConfig) -> Policy:
