@@ -211,7 +211,6 @@ class BirdieClient:
         retries: int = 8,
         backoff: float = 0.5,
         max_delay: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
     ) -> None:
         url = url or os.environ.get(URL_ENV) or DEFAULT_URL
         if not url.startswith(("http://", "https://")):
@@ -225,7 +224,7 @@ class BirdieClient:
         self.backoff = backoff
         self.max_delay = max_delay
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     # lifecycle
 
