@@ -18,8 +18,13 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from clients.client import BirdieClient
+from clients.client import BirdieClient, training_address
 from clients.wire import WireBatch
+
+
+def check_step_range(start_step: int, end_step: int | None) -> None:
+    if start_step < 0 or (end_step is not None and end_step < start_step):
+        raise ValueError(f"need 0 <= start_step <= end_step, got {start_step}, {end_step}")
 
 
 class BatchIterator(Iterator[tuple[int, WireBatch]]):
@@ -47,10 +52,8 @@ class BatchIterator(Iterator[tuple[int, WireBatch]]):
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         if step_stride < 1:
             raise ValueError(f"step_stride must be >= 1, got {step_stride}")
-        if start_step < 0 or (end_step is not None and end_step < start_step):
-            raise ValueError(f"need 0 <= start_step <= end_step, got {start_step}, {end_step}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        check_step_range(start_step, end_step)
+        training_address(run, start_step, rank, world_size)  # checks rank and world size
         self.client = client
         self.run = run
         self.rank = rank

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clients.client import BirdieClient
-from clients.iterator import BatchIterator
+from clients.iterator import BatchIterator, check_step_range
 from clients.wire import FIELDS, WireBatch
 
 
@@ -81,8 +81,7 @@ class BirdieIterableDataset(IterableDataset):
         inspect.signature(BirdieClient).bind(url, token, **client_options)  # a typo fails here, not in a worker
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
-        if start_step < 0 or (end_step is not None and end_step < start_step):
-            raise ValueError(f"need 0 <= start_step <= end_step, got {start_step}, {end_step}")
+        check_step_range(start_step, end_step)
         self.url = url
         self.token = token
         self.run = run
