@@ -103,6 +103,8 @@ def prepare(inputs: tuple[str, ...], out: str | None, vocab_size: int | None,
     except CorpusError as e:
         raise _BadInput(str(e)) from None
     click.echo(summary.describe())
+    for note in summary.notes:
+        click.echo(f"note: {note}", err=True)
 
 
 # --- objectives ----------------------------------------------------------------------------------

@@ -330,6 +330,7 @@ class PrepareSummary:
     n_tokens: dict[str, int]
     vocab_size: int
     seconds: float
+    notes: tuple[str, ...] = ()  # things a person should know, e.g. about padding with id 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -350,6 +351,7 @@ class PrepareSummary:
             path=path, n_docs={s: splits[s]["n_docs"] for s in layout.SPLITS},
             n_tokens={s: splits[s]["n_tokens"] for s in layout.SPLITS},
             vocab_size=manifest["vocab_size"], seconds=seconds,
+            notes=tuple(n for n in [manifest["tokenizer"]["padding_note"]] if n),
         )
 
 
@@ -393,7 +395,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def prepare_corpus(
-    inputs: DocumentSource | Sequence[str | Path],
+    inputs: DocumentSource | Sequence[str | Path] | str | Path,
     out: str | Path,
     *,
     vocab_size: int | None = None,
@@ -417,6 +419,8 @@ def prepare_corpus(
     """
     started = time.perf_counter()
     _check_options(vocab_size, tokenizer, validation_fraction, workers, tokenizer_sample_bytes)
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]  # one path, not a sequence of characters
     source = (
         inputs if isinstance(inputs, DocumentSource)
         else FileSource.from_inputs(inputs, text_field=text_field,

@@ -164,7 +164,9 @@ def read_json_lines(path: Path, *, text_field: str = "text") -> Iterator[str]:
             hint = ""
             if line.strip() in ("[", "{"):
                 hint = "; expected one complete JSON object per line (JSON Lines)"
-            raise CorpusError(f"{path}:{lineno}: malformed JSON ({e.msg}){hint}") from None
+            raise CorpusError(
+                f"{path}:{lineno}: malformed JSON ({e.msg}: column {e.colno}){hint}"
+            ) from None
         if not isinstance(record, dict):
             raise CorpusError(
                 f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}"

@@ -59,6 +59,8 @@ def test_given_tokenizer_and_txt_docs_per_file(tmp_path: Path) -> None:
     store = TokenStore.open(tmp_path / "out")
     assert sum(store.split(s).n_docs for s in store.splits) == 4  # one document per file
     assert store.manifest["tokenizer"]["origin"] == "loaded"
+    # id 0 is "<unk>" here: the summary says why padding with 0 is still fine.
+    assert "note: id 0 is '<unk>'" in result.stderr
 
 
 def test_help_describes_the_inputs() -> None:

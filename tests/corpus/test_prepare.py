@@ -196,6 +196,12 @@ def test_chunks_are_bounded_and_ordered() -> None:
 # ---- inputs and tokenizers ---------------------------------------------------------------------
 
 
+def test_a_single_path_is_one_input(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "a.jsonl", english_documents(10))
+    summary = prepare_corpus(str(corpus), tmp_path / "out", vocab_size=SMALL_VOCAB)
+    assert sum(summary.n_docs.values()) == 10
+
+
 def test_mixed_folder_of_all_formats(tmp_path: Path) -> None:
     docs = english_documents(60, seed=7)
     data = tmp_path / "data"
