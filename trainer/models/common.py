@@ -78,7 +78,7 @@ def sequence_masks(
 
     Missing arrays mean the plain-LM case: no `attention_mask` = every position causal, no
     `segment_ids` = one example per row, no `position_ids` = distance from the example start.
-    `shape`/`device` are needed only when both of the first two are missing.
+    `shape`/`device` are needed only when no array is given.
     """
     given = next((t for t in (attention_mask, segment_ids, position_ids) if t is not None), None)
     if given is not None:
