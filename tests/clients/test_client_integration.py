@@ -156,7 +156,7 @@ def test_loss_posts_survive_a_server_restart_and_arrive_once(live) -> None:
         poster.post(validation_post(4, 1, names))  # completes evaluation step 4 once delivered
         for step in range(5):
             poster.post(LossPostBody(run=RUN, step=step, losses={names[0]: 2.5}, tokens={names[0]: 100}))
-        assert time.perf_counter() - started < 0.05  # queued, not sent: the server is down
+        assert time.perf_counter() - started < 0.5  # queued, not sent: the server is down
         time.sleep(0.3)
         assert poster.pending == 6
         server.start()

@@ -43,8 +43,9 @@ def test_post_never_blocks_while_the_server_is_down_then_all_arrive_once(down_se
     with poster_client(down_server) as client:
         poster = LossPoster(client)
         took = post_all(poster, 200)
-        # Microseconds in practice; the max allows for a GIL switch (5 ms) on a busy machine.
-        assert sorted(took)[len(took) // 2] < 0.001 and max(took) < 0.02, (sorted(took)[100], max(took))
+        # Microseconds in practice (median); the max allows for the OS descheduling this thread on
+        # a loaded machine. A blocking post would wait for the server for ever.
+        assert sorted(took)[len(took) // 2] < 0.001 and max(took) < 0.1, (sorted(took)[100], max(took))
         assert poster.pending == 200 and poster.delivered == 0
         assert poster.flush(timeout=0.2) is False  # nowhere to deliver yet
         down_server.start()
