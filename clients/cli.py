@@ -48,7 +48,14 @@ class BirdieGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log each retry.")
 @click.pass_context
 def main(ctx: click.Context, url: str, token: str | None, timeout: float, retries: int, verbose: bool) -> None:
-    """Inspect a Birdie objective server: runs, mixtures, objectives and batches."""
+    """Inspect a Birdie objective server: runs, mixtures, objectives and batches.
+
+    \b
+    Examples:
+      birdie runs
+      birdie mixture ul2 --json
+      birdie --url http://server:8000 batch ul2 --step 0 --decode
+    """
     logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, format="%(message)s")
     try:
         client = BirdieClient(url, token, timeout=timeout, retries=retries, backoff=0.2)
