@@ -24,7 +24,8 @@ import objective_server
 from objective_server.metrics import Metrics
 from objective_server.routes import PROTECTED, PUBLIC
 from objective_server.routes.deps import require_token
-from objective_server.service import InvalidRequest, RequestTooLarge, RunConflict, Services
+from objective_server.service.errors import InvalidRequest, RequestTooLarge, RunConflict
+from objective_server.service.services import Services
 from objective_server.settings import Settings
 from objective_server.store import (
     ConflictError,
@@ -100,7 +101,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from objective_server.metrics import MULTIPROC_ENV
-    from objective_server.service import configured_runs, open_corpus
+    from objective_server.service.services import configured_runs, open_corpus
 
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["objective_server"] = {

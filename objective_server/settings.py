@@ -77,9 +77,10 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("api_token", mode="before")
+    @field_validator("api_token", "corpus", mode="before")
     @classmethod
-    def _empty_token_is_none(cls, value: object) -> object:
+    def _empty_is_unset(cls, value: object) -> object:
+        # docker compose passes `${VAR:-}` as an empty string: the same as not set.
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from clients.models import Split
 from clients.wire import ARROW_MEDIA_TYPE, JSON_MEDIA_TYPE
 from objective_server.routes.deps import ServicesDep
-from objective_server.service import InvalidRequest
+from objective_server.service.errors import InvalidRequest
 
 router = APIRouter(tags=["batches"])
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
-from objective_server.service import Services
+from objective_server.service.services import Services
 from objective_server.settings import Settings
 
 

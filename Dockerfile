@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# Two images from one file (docker-compose.yml picks the target):
+#   server:  the objective server (CPU only: numpy, FastAPI, uvicorn, redis-py)
+#   trainer: the CUDA PyTorch trainer (nvcc included, to build the linear-scan extension)
+
+# --- the objective server -----------------------------------------------------------------------
+FROM python:3.11-slim AS server
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+# Dependencies first (cached while only the sources change), then the package itself.
+COPY pyproject.toml README.md ./
+RUN mkdir -p objective_server clients trainer \
+    && touch objective_server/__init__.py clients/__init__.py trainer/__init__.py \
+    && pip install ".[server,client]" \
+    && pip uninstall -y birdie
+COPY objective_server ./objective_server
+COPY clients ./clients
+COPY trainer ./trainer
+RUN pip install --no-deps ".[server,client]"
+# Not root. /data holds the prepared corpus (the default corpus is prepared there on first start,
+# BIRDIE_CACHE) and is a volume in docker-compose.yml.
+RUN useradd --create-home --uid 1000 birdie && mkdir -p /data && chown birdie /data
+USER birdie
+ENV BIRDIE_CACHE=/data/cache \
+    BIRDIE_HOST=0.0.0.0 \
+    BIRDIE_PORT=8000
+EXPOSE 8000
+CMD ["birdie-server", "serve", "--preset", "birdie"]
+
+# --- the trainer ---------------------------------------------------------------------------------
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel AS trainer
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY objective_server ./objective_server
+COPY clients ./clients
+COPY trainer ./trainer
+# The image's CUDA build of torch satisfies the `trainer` extra, so pip keeps it.
+RUN pip install ".[trainer,client]"
+VOLUME /checkpoints
+CMD ["birdie-train", "--help"]
