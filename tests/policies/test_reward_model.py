@@ -1,0 +1,107 @@
+"""The gated-SSM reward model: its scan, causality, the shared-prefix candidate step, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from objective_server.policies.reward_model import RewardModel, fit, linear_recurrence, make_optimizer
+
+
+def sequential(gates: torch.Tensor, inputs: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
+    state = torch.zeros_like(inputs[:, 0]) if initial is None else initial
+    states = []
+    for t in range(inputs.shape[1]):
+        state = gates[:, t] * state + inputs[:, t]
+        states.append(state)
+    return torch.stack(states, dim=1)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 8, 33, 200])
+def test_scan_matches_the_sequential_recurrence(length: int) -> None:
+    g = torch.Generator().manual_seed(length)
+    gates = torch.rand(2, length, 5, generator=g, dtype=torch.float64)
+    inputs = torch.randn(2, length, 5, generator=g, dtype=torch.float64)
+    initial = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(linear_recurrence(gates, inputs), sequential(gates, inputs))
+    torch.testing.assert_close(linear_recurrence(gates, inputs, initial), sequential(gates, inputs, initial))
+
+
+def test_scan_gradient_is_correct() -> None:
+    g = torch.Generator().manual_seed(0)
+    gates = torch.rand(1, 11, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    inputs = torch.randn(1, 11, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    initial = torch.randn(1, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear_recurrence, (gates, inputs, initial))
+
+
+def test_scan_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError):
+        linear_recurrence(torch.rand(1, 4, 3), torch.rand(1, 5, 3))
+
+
+def small_model(k: int = 5, seed: int = 0) -> RewardModel:
+    torch.manual_seed(seed)
+    return RewardModel(k, width=32, layers=2).eval()
+
+
+def test_predictions_are_causal() -> None:
+    model = small_model()
+    rows = torch.rand(1, 9, 10)
+    changed = rows.clone()
+    changed[0, 6:] = torch.rand(3, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(rows)[0, :6], model(changed)[0, :6])
+        assert not torch.allclose(model(rows)[0, 6:], model(changed)[0, 6:])
+
+
+def test_candidate_step_equals_the_full_forward_at_the_candidates_own_row() -> None:
+    """The shared-prefix shortcut must read exactly what a full pass reads at the LAST row."""
+    model = small_model()
+    history = torch.rand(7, 10)
+    candidates = torch.rand(4, 10)
+    fast = model.predict_next(model.prefix_states(history), candidates)
+    with torch.no_grad():
+        for i in range(4):
+            full = model(torch.cat([history, candidates[i : i + 1]])[None])[0, -1]
+            torch.testing.assert_close(fast[i], full, rtol=1e-5, atol=1e-6)
+
+
+def test_candidate_step_with_no_history_is_the_first_row() -> None:
+    model = small_model()
+    candidates = torch.rand(3, 10)
+    fast = model.predict_next(model.prefix_states(torch.zeros(0, 10)), candidates)
+    with torch.no_grad():
+        torch.testing.assert_close(fast, model(candidates[:, None])[:, 0])
+
+
+def test_predictions_depend_on_the_action_half() -> None:
+    """Separate RMS norms: the O(1/K) action half must not vanish next to the O(1) losses."""
+    model = small_model()
+    losses = torch.full((2, 5), 3.0)
+    actions = torch.tensor([[0.96, 0.01, 0.01, 0.01, 0.01], [0.01, 0.01, 0.01, 0.01, 0.96]])
+    out = model.predict_next(model.prefix_states(torch.zeros(0, 10)), torch.cat([losses, actions], dim=1))
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+def test_fit_learns_the_history() -> None:
+    model = small_model(k=3)
+    optimizer = make_optimizer(model, lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    rows = torch.rand(12, 6, generator=g)
+    targets = torch.tanh(rows[:, 3:] * 3 - 1)  # reward grows with the action share
+    with torch.no_grad():
+        before = torch.nn.functional.mse_loss(model(rows[None])[0], targets).item()
+    after = fit(model, optimizer, rows, targets, steps=150)
+    assert after < before / 10
+    assert not model.training
+
+
+def test_wrong_widths_are_errors() -> None:
+    model = small_model(k=5)
+    with pytest.raises(ValueError, match="2K"):
+        model(torch.rand(1, 3, 8))
+    with pytest.raises(ValueError):
+        RewardModel(0)
+    with pytest.raises(ValueError):
+        fit(model, make_optimizer(model), torch.rand(4, 10), torch.rand(3, 5), steps=1)
