@@ -67,7 +67,7 @@ async def get_batch(
     body, media_type = await services.batches.encode(served, chosen, decode)
     metrics = services.metrics
     metrics.batches.labels(run, split, chosen).inc()
-    metrics.tokens.labels(run, split).inc(served.batch.input_ids.size)
+    metrics.tokens.labels(run, split).inc(served.positions)
     metrics.batch_latency.labels(chosen).observe(time.perf_counter() - started)
-    headers = {"X-Birdie-Mixture-Version": str(served.header["mixture_version"])} if split == "train" else {}
+    headers = {"X-Birdie-Mixture-Version": str(served.mixture_version)} if split == "train" else {}
     return Response(body, media_type=media_type, headers=headers)

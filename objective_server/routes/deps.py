@@ -1,4 +1,8 @@
-"""Dependencies the routes declare: the app's services and settings, and bearer-token auth."""
+"""Dependencies the routes declare: the app's services and settings, and bearer-token auth.
+
+All are `async def` although none awaits: FastAPI runs a plain `def` dependency in a thread pool,
+a thread hop per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,11 @@ from objective_server.service.services import Services
 from objective_server.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -23,7 +27,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_token(request: Request, settings: SettingsDep) -> None:
+async def require_token(request: Request, settings: SettingsDep) -> None:
     """With an API token configured, `Authorization: Bearer <token>` must carry it (401 otherwise)."""
     if settings.api_token is None:
         return

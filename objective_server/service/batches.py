@@ -17,9 +17,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from clients.wire import ARROW_MEDIA_TYPE, JSON_MEDIA_TYPE, encode_arrow
+from clients.wire import ARROW_MEDIA_TYPE, JSON_MEDIA_TYPE
 from objective_server.metrics import Metrics
-from objective_server.packing import Batch
 from objective_server.service.cache import TaskCache
 from objective_server.service.errors import InvalidRequest, RequestTooLarge, UnknownObjective
 from objective_server.service.generation import GenerationPool, held_out_batch, render_json, train_batch
@@ -32,18 +31,13 @@ log = logging.getLogger(__name__)
 WireFormat = Literal["arrow", "json"]
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class ServedBatch:
-    """A generated batch and its header; the Arrow bytes are encoded once, on first use."""
+    """A generated batch: its Arrow IPC bytes (arrays and header), and what the route reports."""
 
-    batch: Batch
-    header: dict[str, Any]
-    _arrow: bytes | None = field(default=None, repr=False)
-
-    def arrow(self) -> bytes:
-        if self._arrow is None:
-            self._arrow = encode_arrow(self.batch.arrays(), self.header)
-        return self._arrow
+    arrow: bytes = field(repr=False)
+    mixture_version: int | None
+    positions: int  # batch_size * seq_len
 
 
 class BatchService:
@@ -105,19 +99,19 @@ class BatchService:
         self, context: RunContext, timeline: Timeline, rank: int, world_size: int, step: int, prefetch: bool
     ) -> ServedBatch:
         version = timeline.version_at(step)
-        key = (context.fingerprint, "train", rank, world_size, step, version)
+        key = _train_key(context, rank, world_size, step, version)
 
         async def generate() -> ServedBatch:
             probabilities = await self._probabilities(context, version)
-            batch, seconds = await self.pool.run(
-                train_batch, self.pool.corpus_path, context.config_json, probabilities, rank, world_size, step
-            )
-            self.metrics.generation_latency.labels("train").observe(seconds)
             header = {
                 "run": context.name, "split": "train", "step": step, "rank": rank, "world_size": world_size,
-                "mixture_version": version, "objectives": context.names, "fill_rate": batch.fill_rate,
+                "mixture_version": version, "objectives": context.names,
             }
-            return ServedBatch(batch, header)
+            arrow, seconds = await self.pool.run(
+                train_batch, self.pool.corpus_path, context.config_json, probabilities, header, rank, world_size, step
+            )
+            self.metrics.generation_latency.labels("train").observe(seconds)
+            return ServedBatch(arrow, version, context.config.tokens_per_step)
 
         task, hit = self.cache.get_or_start(key, generate)
         if prefetch:
@@ -140,7 +134,9 @@ class BatchService:
         for ahead in range(1, self.settings.prefetch_depth + 1):
             if self.pool.busy or step + ahead > self.settings.max_step:
                 return
-            self._spawn(self._train_at(context, timeline, rank, world_size, step + ahead, prefetch=True))
+            ahead_step = step + ahead
+            if _train_key(context, rank, world_size, ahead_step, timeline.version_at(ahead_step)) not in self.cache:
+                self._spawn(self._train_at(context, timeline, rank, world_size, ahead_step, prefetch=True))
 
     # --- validation batches ----------------------------------------------------------------------
 
@@ -176,16 +172,16 @@ class BatchService:
         key = (context.fingerprint, "validation", objective_id, index)
 
         async def generate() -> ServedBatch:
-            batch, seconds = await self.pool.run(
-                held_out_batch, self.pool.corpus_path, context.config_json, objective_id, index
-            )
-            self.metrics.generation_latency.labels("validation").observe(seconds)
             header = {
                 "run": context.name, "split": "validation", "objective": context.names[objective_id],
                 "index": index, "step": None, "rank": None, "world_size": None, "mixture_version": None,
-                "objectives": context.names, "fill_rate": batch.fill_rate,
+                "objectives": context.names,
             }
-            return ServedBatch(batch, header)
+            arrow, seconds = await self.pool.run(
+                held_out_batch, self.pool.corpus_path, context.config_json, header, objective_id, index
+            )
+            self.metrics.generation_latency.labels("validation").observe(seconds)
+            return ServedBatch(arrow, None, context.config.tokens_per_step)
 
         task, hit = self.cache.get_or_start(key, generate)
         if not prefetch:
@@ -199,8 +195,8 @@ class BatchService:
         if wire_format == "arrow":
             if decode:
                 raise InvalidRequest("decode=1 adds decoded text to the JSON format: use format=json")
-            return served.arrow(), ARROW_MEDIA_TYPE
-        body = await self.pool.run(render_json, self.pool.corpus_path, served.batch.arrays(), served.header, decode)
+            return served.arrow, ARROW_MEDIA_TYPE
+        body = await self.pool.run(render_json, self.pool.corpus_path, served.arrow, decode)
         return body, JSON_MEDIA_TYPE
 
     # --- housekeeping ----------------------------------------------------------------------------
@@ -220,3 +216,8 @@ class BatchService:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.cache.clear()
+
+
+def _train_key(context: RunContext, rank: int, world_size: int, step: int, version: int) -> tuple:
+    """A training batch is a function of the run's config, its address and the mixture version."""
+    return (context.fingerprint, "train", rank, world_size, step, version)

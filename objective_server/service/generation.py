@@ -5,7 +5,9 @@ event loop (or in a thread) it would stall every other request. The default pool
 of worker processes. What crosses into a worker is small and picklable: the corpus path, the run's
 config as canonical JSON, the mixture and the address. Each worker opens the corpus (memory-mapped)
 and parses a run config once and keeps them, keyed by those values; the result is a pure function
-of the arguments, so any worker, process or replica produces the same bytes.
+of the arguments, so any worker, process or replica produces the same bytes. Batches come back
+already encoded as Arrow: one bytes object is cheaper to return than six arrays, and the server
+process then only sends it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from clients.wire import encode_json
+from clients.wire import decode_arrow, encode_arrow, encode_json
 from objective_server.batching import generate_batch, validation_batch
 from objective_server.corpus.store import TokenStore
 from objective_server.inspection import decoded_examples
@@ -50,9 +52,11 @@ def _run_config(config_json: str) -> RunConfig:
 
 
 def train_batch(
-    corpus_path: str, config_json: str, probabilities: Sequence[float], rank: int, world_size: int, step: int
-) -> tuple[Batch, float]:
-    """The training batch at (rank, world_size, step) under `probabilities`, and seconds taken."""
+    corpus_path: str, config_json: str, probabilities: Sequence[float], header: dict[str, Any],
+    rank: int, world_size: int, step: int,
+) -> tuple[bytes, float]:
+    """The training batch at (rank, world_size, step) under `probabilities` as Arrow bytes (with
+    `header` and the fill rate in its metadata), and the seconds it took to generate."""
     started = time.perf_counter()
     corpus = _corpus(corpus_path)
     config = _run_config(config_json)
@@ -61,11 +65,14 @@ def train_batch(
         seed=config.seed, batch_size=config.batch_size, seq_len=config.seq_len,
         rank=rank, world_size=world_size, step=step,
     )
-    return batch, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return encode_arrow(batch.arrays(), {**header, "fill_rate": batch.fill_rate}), seconds
 
 
-def held_out_batch(corpus_path: str, config_json: str, objective_id: int, index: int) -> tuple[Batch, float]:
-    """Validation batch `index` of the run's configuration `objective_id`, and seconds taken."""
+def held_out_batch(
+    corpus_path: str, config_json: str, header: dict[str, Any], objective_id: int, index: int
+) -> tuple[bytes, float]:
+    """Validation batch `index` of the run's configuration `objective_id`, as `train_batch`."""
     started = time.perf_counter()
     corpus = _corpus(corpus_path)
     config = _run_config(config_json)
@@ -73,17 +80,19 @@ def held_out_batch(corpus_path: str, config_json: str, objective_id: int, index:
         config.objectives[objective_id], objective_id, corpus.split("validation").tokens, corpus.special,
         seed=config.seed, batch_size=config.batch_size, seq_len=config.seq_len, index=index,
     )
-    return batch, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return encode_arrow(batch.arrays(), {**header, "fill_rate": batch.fill_rate}), seconds
 
 
-def render_json(corpus_path: str, arrays: dict, header: dict[str, Any], decode: bool) -> bytes:
-    """The JSON body of a batch; with `decode`, the decoded text of every packed example too."""
+def render_json(corpus_path: str, arrow: bytes, decode: bool) -> bytes:
+    """The JSON body of a batch given as Arrow bytes; with `decode`, the decoded text of every
+    packed example too."""
+    wire = decode_arrow(arrow)
     examples = None
     if decode:
         corpus = _corpus(corpus_path)
-        batch = Batch(**arrays)
-        examples = decoded_examples(batch, corpus.decode, header["objectives"])
-    return orjson.dumps(encode_json(arrays, header, examples))
+        examples = decoded_examples(Batch(**wire.arrays), corpus.decode, wire.objectives)
+    return orjson.dumps(encode_json(wire.arrays, wire.header, examples))
 
 
 def _warm(corpus_path: str) -> None:

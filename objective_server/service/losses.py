@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 MAX_LOSS = 1e6
 # Most tokens one rank may report for one configuration of one step.
 MAX_TOKENS = 1 << 40
+# How long a housekeeping drain tries for the run's lock before leaving the work to its holder.
+NO_WAIT_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,9 @@ class LossService:
         if not (wanted or self._drain_due(context)):
             return response
         try:
-            result = await self.drain(context)
+            # Only the post that completes an observation the policy wants waits for the update;
+            # housekeeping drains give way to a drain already running anywhere.
+            result = await self.drain(context, wait=wanted)
         except (StoreUnavailable, LockNotAcquired) as error:
             # The post itself is counted; its aggregate stays pending for the next drain.
             log.warning("run %s: policy update postponed: %s", context.name, error)
@@ -144,16 +148,22 @@ class LossService:
 
     # --- draining: the policy update -------------------------------------------------------------
 
-    async def drain(self, context: RunContext) -> DrainResult:
-        """Consume every pending aggregate of the run, in step order, committing each update with CAS."""
+    async def drain(self, context: RunContext, wait: bool = True) -> DrainResult:
+        """Consume every pending aggregate of the run, in step order, committing each update with CAS.
+
+        `wait=False`: return at once (lock_busy) if another drain holds the run, in this process or
+        in another worker or replica, instead of waiting for it (a policy update may take seconds).
+        """
+        if not wait and context.drain_lock.locked():
+            return DrainResult(lock_busy=True)
         async with context.drain_lock:
             context.last_drain_check = time.monotonic()
             if not await self.store.pending(context.name):
                 return DrainResult()
             try:
                 async with self.store.lock(
-                    context.name, "policy",
-                    ttl_s=self.settings.policy_lock_ttl_s, wait_s=self.settings.policy_lock_wait_s,
+                    context.name, "policy", ttl_s=self.settings.policy_lock_ttl_s,
+                    wait_s=self.settings.policy_lock_wait_s if wait else NO_WAIT_S,
                 ):
                     return await self._drain_locked(context)
             except LockNotAcquired:
