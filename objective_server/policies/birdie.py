@@ -76,6 +76,8 @@ class BirdieOptions(BaseModel):
     def _check(self) -> BirdieOptions:
         if self.top_k > self.candidates:
             raise ValueError(f"top_k ({self.top_k}) must not exceed candidates ({self.candidates})")
+        if self.explore_min > self.explore_max:
+            raise ValueError(f"explore_min ({self.explore_min}) must not exceed explore_max ({self.explore_max})")
         return self
 
 
@@ -277,7 +279,9 @@ class BirdiePolicy(Policy):
         header, offset = self._header(state)
         step = observation.step
         if header["steps"] and step <= header["steps"][-1]:
-            raise ValueError(f"evaluation step {step} is not after the last one ({header['steps'][-1]})")
+            # A late evaluation (its last rank posted after a later evaluation completed) cannot be
+            # put into the past of the history; raising would leave it pending forever.
+            return Decision(state=state, meta={"step": step, "ignored": "not after the last evaluation"})
         previous = header["losses"][-1] if header["losses"] else None
         losses, imputed = self._loss_vector(observation, previous)
         if previous is not None:  # completes the row [previous losses, action since] -> rewards

@@ -341,12 +341,13 @@ def test_a_configuration_without_validation_tokens_keeps_its_last_loss() -> None
     assert described["imputed_losses"] == [NAMES[0]]
 
 
-def test_bad_input_is_rejected_with_a_clear_error() -> None:
+def test_bad_input_is_rejected_with_a_clear_error_and_late_evaluations_ignored() -> None:
     config = run_config("birdie", FAST, **SHORT)
     policy = BirdiePolicy(config, **FAST)
     state = policy.update(policy.initial_state(), validation(50, uniform_losses(5.0))).state
-    with pytest.raises(ValueError, match="not after"):
-        policy.update(state, validation(50, uniform_losses(4.0)))
+    for late in (10, 50):  # a late or repeated evaluation changes nothing
+        ignored = policy.update(state, validation(late, uniform_losses(4.0)))
+        assert ignored.state == state and ignored.probabilities is None and "ignored" in ignored.meta
     with pytest.raises(ValueError, match="validation"):
         policy.update(state, Aggregate("train", 60, 1, uniform_losses(4.0), {n: 1 for n in NAMES}))
     with pytest.raises(ValueError, match="not in this run"):
@@ -368,5 +369,7 @@ def test_bad_options_are_rejected() -> None:
         BirdiePolicy(config, candidate=2048)  # misspelt
     with pytest.raises(ValidationError):
         BirdiePolicy(config, explore_max=1.5)
+    with pytest.raises(ValidationError):
+        BirdiePolicy(config, explore_max=0.1, explore_min=0.2)
     with pytest.raises(ValidationError):
         make_policy(run_config("birdie", {"width": 0}, **SHORT))
