@@ -18,8 +18,10 @@ def _scan_left_to_right(a: Tensor, x: Tensor, h0: Tensor | None) -> Tensor:
     """h_t = a_t * h_{t-1} + x_t over dim 1, returned stacked as (B, T, D)."""
     state = torch.zeros_like(x[:, 0]) if h0 is None else h0
     states = []
-    for t in range(x.shape[1]):
-        state = a[:, t] * state + x[:, t]
+    # unbind, not a[:, t]: the backward of T indexing ops would allocate T full-size
+    # gradients (quadratic in T); unbind's backward is one stack
+    for a_t, x_t in zip(a.unbind(1), x.unbind(1)):
+        state = a_t * state + x_t
         states.append(state)
     return torch.stack(states, dim=1)
 
