@@ -169,8 +169,9 @@ def fit(
     steps: int,
     max_grad_norm: float = 1.0,
 ) -> float:
-    """`steps` full-batch MSE steps on the whole history (rows (T, 2K), targets (T, K)); returns the
-    loss after the last step's update is measured (the loss of the final forward pass)."""
+    """`steps` full-batch MSE steps on the whole history (rows (T, 2K), targets (T, K)), gradients
+    clipped to norm `max_grad_norm`; returns the MSE of the last step's forward pass (NaN if
+    steps = 0)."""
     if rows.shape[0] != targets.shape[0] or targets.shape[-1] != model.num_configs:
         raise ValueError(f"rows {tuple(rows.shape)} and targets {tuple(targets.shape)} do not match")
     model.train()
