@@ -227,7 +227,6 @@ class BirdiePolicy(Policy):
             "in_control": False,
             "model_loss": None,
             "score_spread": None,
-            "mixture": self.config.initial_probabilities,
         }
         return encode_state(header, None)
 
@@ -312,11 +311,12 @@ class BirdiePolicy(Policy):
                         model, history, np.asarray(losses, dtype=np.float64), step, rate
                     )
                     probabilities = action.tolist()
-                    header["mixture"] = probabilities
                 tensors = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
         header["in_control"] = in_control
-        header["actions"].append(header["mixture"])  # the mixture that runs until the next evaluation
+        # The mixture that runs until the next evaluation: the new one, else the one running now.
+        running = header["actions"][-1] if header["actions"] else self.config.initial_probabilities
+        header["actions"].append(probabilities if probabilities is not None else running)
         header["exploration"].append(rate)
         header["explored"].append(explored)
         header["predicted"].append(predicted)
