@@ -7,9 +7,11 @@ For each store (in-process, Redis) a `birdie-server serve` process is started on
 for each wire format and number of concurrent clients a fresh run (the birdie preset, B = 8,
 L = 2048, fixed mixture) is created; each client is one trainer rank (world_size = clients) that
 walks its steps for --seconds, requesting the next batch as soon as it has read the last one.
-Printed per row: batch positions (B * L) per second over all clients, and p50/p99 latency of one
-request; then the same generation in this process, single-threaded, for the ratio (target >= 0.8),
-and loss-post latency (training posts, and validation posts that complete an evaluation).
+Printed per row: batch positions (B * L) per second over all clients, p50/p99 latency of one
+request, and the server's CPU time per batch served (all its processes); then the ratio to the same
+generation in this process, single-threaded (target >= 0.8), and to a pool of as many processes as
+the server generates with (the cost of HTTP alone); and loss-post latency (training posts, and
+validation posts that complete an evaluation).
 
 The clients run in this process and share the machine with the server, as they would not in
 training (trainers read batches on other hosts), so the HTTP figures are a lower bound.
@@ -19,13 +21,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import numpy as np
@@ -37,6 +43,22 @@ sys.path.insert(0, str(ROOT / "tests"))  # the redis-server fixture doubles as t
 from redis_server import RedisServer, free_loopback_port, redis_server_binary  # noqa: E402
 
 BATCH_SIZE, SEQ_LEN = 8, 2048
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) of every live process in a process group (Linux /proc)."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[2] is the process group
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def run_config(name: str) -> dict:
@@ -79,32 +101,52 @@ class Server:
                 self.process.wait()
 
 
-async def clients_walk(url: str, run: str, clients: int, wire_format: str, seconds: float) -> tuple[float, np.ndarray]:
-    """(batch positions per second, per-request latencies in s) of `clients` concurrent ranks."""
-    latencies: list[float] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        async def rank(r: int, until: float) -> int:
-            step = served = 0
-            while time.perf_counter() < until:
-                params = {"run": run, "rank": r, "world_size": clients, "step": step, "format": wire_format}
-                started = time.perf_counter()
-                response = await http.get("/batch", params=params)
-                latencies.append(time.perf_counter() - started)
-                response.raise_for_status()
-                step += 1
-                served += 1
-            return served
+def clients_walk(
+    server: Server, run: str, clients: int, wire_format: str, seconds: float
+) -> tuple[float, np.ndarray, float]:
+    """(batch positions per second, per-request latencies in s, server CPU ms per batch) of
+    `clients` concurrent ranks, one thread and one keep-alive connection each.
 
-        # Warm-up: the first batch of every rank (opens connections, parses the run in the workers).
-        await asyncio.gather(*(http.get("/batch", params={"run": run, "rank": r, "world_size": clients,
-                                                         "step": 10**6, "format": wire_format})
-                               for r in range(clients)))
-        latencies.clear()
+    The clients use the standard library's http.client: it reads a 400 KB body with about a third
+    of httpx's CPU time, and on a small machine every client cycle is taken from the server.
+    """
+    def get(connection: http.client.HTTPConnection, query: dict) -> bytes:
+        connection.request("GET", "/batch?" + urlencode(query))
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"/batch answered {response.status}: {body[:200]!r}")
+        return body
+
+    def rank(r: int, start: threading.Barrier, until: list[float]) -> tuple[int, list[float]]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        query = {"run": run, "rank": r, "world_size": clients, "format": wire_format}
+        get(connection, {**query, "step": 10**6})  # warm-up: connection, run parsed in the workers
+        start.wait()
+        step, latencies = 0, []
+        while time.perf_counter() < until[0]:
+            began = time.perf_counter()
+            get(connection, {**query, "step": step})
+            latencies.append(time.perf_counter() - began)
+            step += 1
+        connection.close()
+        return step, latencies
+
+    until = [float("inf")]
+    barrier = threading.Barrier(clients + 1)
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(rank, r, barrier, until) for r in range(clients)]
+        barrier.wait()
+        cpu = group_cpu_seconds(server.process.pid)
         start = time.perf_counter()
-        served = await asyncio.gather(*(rank(r, start + seconds) for r in range(clients)))
+        until[0] = start + seconds
+        results = [f.result() for f in futures]
         elapsed = time.perf_counter() - start
-    return sum(served) * BATCH_SIZE * SEQ_LEN / elapsed, np.asarray(latencies)
+        served = sum(steps for steps, _ in results)
+        # Prefetched batches of the last steps are generated but not served: counted, slightly.
+        cpu_ms = (group_cpu_seconds(server.process.pid) - cpu) * 1000 / served
+    latencies = np.concatenate([np.asarray(l) for _, l in results])
+    return served * BATCH_SIZE * SEQ_LEN / elapsed, latencies, cpu_ms
 
 
 async def loss_post_latency(url: str, run: str, names: list[str], posts: int) -> dict[str, np.ndarray]:
@@ -124,23 +166,50 @@ async def loss_post_latency(url: str, run: str, names: list[str], posts: int) ->
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def in_process_generation(corpus, seconds: float) -> float:
-    """Batch positions per second of generate_batch for the same run, single-threaded."""
+def _generate_for(seconds: float, corpus_path: str, first_step: int) -> tuple[int, float]:
+    """(batches, CPU seconds) of generate_batch for the bench run, single-threaded, for `seconds`."""
     from objective_server.batching import generate_batch
+    from objective_server.corpus.store import TokenStore
     from objective_server.runs import RunConfig
 
+    corpus = TokenStore.open(corpus_path)
     config = RunConfig.model_validate(run_config("in-process"))
     tokens, special = corpus.split("train").tokens, corpus.special
     objectives, probabilities = config.objectives, config.initial_probabilities
-    generate_batch(objectives, probabilities, tokens, special, seed=0, batch_size=BATCH_SIZE, seq_len=SEQ_LEN,
-                   rank=0, world_size=1, step=10**6)
-    step = 0
-    start = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or step < 5:
+
+    def one(step: int) -> None:
         generate_batch(objectives, probabilities, tokens, special, seed=0, batch_size=BATCH_SIZE,
                        seq_len=SEQ_LEN, rank=0, world_size=1, step=step)
-        step += 1
-    return step * BATCH_SIZE * SEQ_LEN / elapsed
+
+    one(10**6)  # warm: parses, first memory-map reads
+    steps = 0
+    cpu = time.process_time()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or steps < 5:
+        one(first_step + steps)
+        steps += 1
+    return steps, time.process_time() - cpu
+
+
+def in_process_generation(corpus_path: str, seconds: float, processes: int) -> tuple[float, float]:
+    """(batch positions per second, CPU ms per batch) of generation in this process (1 thread),
+    or in `processes` worker processes at once (the server's pool without HTTP)."""
+    if processes == 1:
+        start = time.perf_counter()
+        steps, cpu = _generate_for(seconds, corpus_path, 0)
+        elapsed = time.perf_counter() - start
+        return steps * BATCH_SIZE * SEQ_LEN / elapsed, cpu * 1000 / steps
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_generate_for, [0.1] * processes, [corpus_path] * processes, range(processes)))  # start
+        start = time.perf_counter()
+        results = list(pool.map(_generate_for, [seconds] * processes, [corpus_path] * processes,
+                                [i * 10**5 for i in range(processes)]))
+        elapsed = time.perf_counter() - start
+    steps = sum(r[0] for r in results)
+    return steps * BATCH_SIZE * SEQ_LEN / elapsed, sum(r[1] for r in results) * 1000 / steps
 
 
 def ms(values: np.ndarray, q: float) -> str:
@@ -169,9 +238,13 @@ def main() -> None:
     print(f"corpus {corpus.path} ({corpus.split('train').n_tokens:,} train tokens); {os.cpu_count()} cores; "
           f"server: {args.workers} uvicorn worker(s), {args.generation_workers} generation {args.executor}(es), "
           f"prefetch {args.prefetch_depth}; logs in {workdir}")
-    print(f"birdie preset (55 configurations), B = {BATCH_SIZE}, L = {SEQ_LEN}; {args.seconds:g} s per row\n")
+    print(f"birdie preset (55 configurations), B = {BATCH_SIZE}, L = {SEQ_LEN}; {args.seconds:g} s per row; "
+          f"load average {os.getloadavg()[0]:.1f} (other work on this machine skews every figure)\n")
 
-    baseline = in_process_generation(corpus, args.seconds)
+    baseline, baseline_cpu = in_process_generation(str(corpus.path), args.seconds, 1)
+    pool_baseline, pool_cpu = in_process_generation(str(corpus.path), args.seconds, args.generation_workers)
+    print(f"in-process generation: 1 thread {baseline / 1e6:.2f} M positions/s ({baseline_cpu:.2f} ms CPU per "
+          f"batch); {args.generation_workers} processes {pool_baseline / 1e6:.2f} M positions/s\n", flush=True)
     rows = []
     post_rows = []
     for store in args.stores:
@@ -198,12 +271,11 @@ def main() -> None:
                 for clients in args.clients:
                     run = f"bench-{wire_format}-{clients}"
                     httpx.post(server.url + "/runs", json=run_config(run), timeout=60).raise_for_status()
-                    throughput, latencies = asyncio.run(
-                        clients_walk(server.url, run, clients, wire_format, args.seconds))
-                    rows.append((store, wire_format, clients, throughput, latencies))
+                    throughput, latencies, cpu_ms = clients_walk(server, run, clients, wire_format, args.seconds)
+                    rows.append((store, wire_format, clients, throughput, latencies, cpu_ms))
                     print(f"{store:7} {wire_format:6} {clients:3} clients: {throughput / 1e6:6.2f} M positions/s  "
-                          f"p50 {ms(latencies, 50)} ms  p99 {ms(latencies, 99)} ms  "
-                          f"({throughput / baseline:4.2f} x in-process)", flush=True)
+                          f"p50 {ms(latencies, 50)} ms  p99 {ms(latencies, 99)} ms  server CPU {cpu_ms:5.2f} ms/batch",
+                          flush=True)
             run = "bench-losses"
             info = httpx.post(server.url + "/runs", json=run_config(run), timeout=60).json()
             names = [o["name"] for o in info["objectives"]]
@@ -214,12 +286,17 @@ def main() -> None:
             if redis is not None:
                 redis.kill()
 
-    print(f"\nin-process generate_batch, 1 thread: {baseline / 1e6:.2f} M positions/s "
-          f"({baseline / (BATCH_SIZE * SEQ_LEN):.1f} batches/s)\n")
-    print(f"{'store':8}{'format':8}{'clients':>8}{'M pos/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x in-proc':>11}")
-    for store, wire_format, clients, throughput, latencies in rows:
+    print(f"\nin-process generate_batch: 1 thread {baseline / 1e6:.2f} M positions/s "
+          f"({baseline / (BATCH_SIZE * SEQ_LEN):.0f} batches/s, {baseline_cpu:.2f} ms CPU each); "
+          f"{args.generation_workers} processes {pool_baseline / 1e6:.2f} M positions/s")
+    print("HTTP / in-process: `x 1 thread` is the target ratio (>= 0.8); `x pool` compares with the same "
+          "generation processes without HTTP\n")
+    print(f"{'store':8}{'format':8}{'clients':>8}{'M pos/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}"
+          f"{'x 1 thread':>12}{'x pool':>8}")
+    for store, wire_format, clients, throughput, latencies, cpu_ms in rows:
         print(f"{store:8}{wire_format:8}{clients:8d}{throughput / 1e6:10.2f}{ms(latencies, 50):>9}"
-              f"{ms(latencies, 99):>9}{throughput / baseline:11.2f}")
+              f"{ms(latencies, 99):>9}{cpu_ms:8.2f}{throughput / baseline:12.2f}{throughput / pool_baseline:8.2f}")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     print(f"\nloss posts ({len(names)} configurations each), one client, sequential:")
     print(f"{'store':8}{'split':12}{'p50 ms':>9}{'p99 ms':>9}")
     for store, latencies in post_rows:

@@ -71,6 +71,7 @@ def test_concurrent_ranks_with_duplicates_and_retries_are_counted_exactly_once(
     expected: dict[str, dict[str, float]] = {n: {"tokens": 0, "posts": 0, "weighted": 0.0} for n in names}
     validation_expected: dict[int, dict[str, list[float]]] = {s: {} for s in eval_steps}
     accepted = []
+    batch_requests = []
     lock = threading.Lock()
 
     def plan(rank: int, step: int) -> dict:
@@ -93,8 +94,11 @@ def test_concurrent_ranks_with_duplicates_and_retries_are_counted_exactly_once(
                 assert first.status_code == 200, first.text
                 header = decode_arrow(first.content).header
                 assert (header["rank"], header["step"], header["world_size"]) == (rank, step, world)
-                if rng.random() < 0.5:  # a retry of the same address
+                retried = rng.random() < 0.5
+                if retried:  # a retry of the same address
                     assert client.get("/batch", params=address).content == first.content
+                with lock:
+                    batch_requests.append(1 + retried)
                 body = plan(rank, step)
                 # The post and a concurrent retry of it race; then 0-2 more retries.
                 with ThreadPoolExecutor(2) as both:
@@ -138,6 +142,9 @@ def test_concurrent_ranks_with_duplicates_and_retries_are_counted_exactly_once(
 
     # The 2 workers share the run state: the timeline saw every step.
     assert state["max_served"] == steps - 1
+    # /metrics adds up both workers (Prometheus multiprocess mode).
+    metrics = server.get("/metrics").text
+    assert f'birdie_batches_served_total{{format="arrow",run="small",split="train"}} {float(sum(batch_requests))}' in metrics
     # Body limits hold through uvicorn, with and without a declared length.
     big = {"run": "small", "step": 0, "losses": {f"x{i}": 1.0 for i in range(10000)}, "tokens": {}}
     assert server.post("/losses", json=big).status_code == 413
