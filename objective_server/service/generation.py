@@ -112,6 +112,7 @@ class GenerationPool:
         self.kind = kind
         self.workers = workers
         self._executor = self._new_executor()
+        self._closed = False
         self.in_flight = 0
 
     def _new_executor(self) -> Executor:
@@ -127,13 +128,18 @@ class GenerationPool:
         loop = asyncio.get_running_loop()
         self.in_flight += 1
         try:
+            executor = self._executor
             try:
-                return await loop.run_in_executor(self._executor, fn, *args)
+                return await loop.run_in_executor(executor, fn, *args)
             except BrokenProcessPool:
-                # A worker died (killed, out of memory): start a fresh pool and try once more.
-                log.error("a batch generation worker died; restarting the pool")
-                old, self._executor = self._executor, self._new_executor()
-                old.shutdown(wait=False, cancel_futures=True)
+                if self._closed:
+                    raise
+                # A worker died (killed, out of memory): start a fresh pool (once, however many
+                # requests saw this one break) and try once more.
+                if self._executor is executor:
+                    log.error("a batch generation worker died; restarting the pool")
+                    self._executor = self._new_executor()
+                    executor.shutdown(wait=False, cancel_futures=True)
                 return await loop.run_in_executor(self._executor, fn, *args)
         finally:
             self.in_flight -= 1
@@ -151,4 +157,10 @@ class GenerationPool:
         return f"{self.workers} {self.kind}{'es' if self.kind == 'process' else 's'}"
 
     def close(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the pool's worker processes (none for threads)."""
+        processes = getattr(self._executor, "_processes", None) or {}
+        return list(processes)

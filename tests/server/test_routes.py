@@ -317,3 +317,17 @@ async def test_malformed_and_hostile_requests_get_4xx_and_change_nothing(app_cli
 
     assert await state_of(client) == before
 
+
+
+async def test_a_killed_generation_worker_is_replaced_and_the_address_still_served(app_client):
+    import os
+    import signal
+
+    client = await app_client(generation_executor="process", generation_workers=1, prefetch_depth=0, cache_size=1)
+    first = (await batch(client, step=0)).content
+    pool = client._transport.app.state.services.pool
+    (pid,) = pool.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    assert (await batch(client, step=1)).status_code == 200
+    assert pool.worker_pids() != [pid]
+    assert (await batch(client, step=0)).content == first
