@@ -1,20 +1,23 @@
 """Objective-server throughput and latency over real HTTP, against in-process generation.
 
-    python bench/server.py [--seconds 6] [--clients 1 4 16] [--formats arrow json]
-                           [--stores memory redis] [--workers 1] [--generation-workers 2]
+    python bench/server.py [--seconds 5] [--clients 1 4 16] [--formats arrow json]
+                           [--stores memory redis] [--redis-workers 2] [--executor auto]
 
-For each store (in-process, Redis) a `birdie-server serve` process is started on this machine, and
-for each wire format and number of concurrent clients a fresh run (the birdie preset, B = 8,
-L = 2048, fixed mixture) is created; each client is one trainer rank (world_size = clients) that
-walks its steps for --seconds, requesting the next batch as soon as it has read the last one.
+For each store a `birdie-server serve` process is started on this machine: the in-process store
+with one uvicorn worker (generating in a process pool), Redis with --redis-workers workers
+(generating in a thread each). For each wire format and number of concurrent clients a fresh run
+(the birdie preset, B = 8, L = 2048, fixed mixture) is created; each client is one trainer rank
+(world_size = clients) that walks its steps for --seconds, asking for the next batch as soon as it
+has read the last one.
+
 Printed per row: batch positions (B * L) per second over all clients, p50/p99 latency of one
-request, and the server's CPU time per batch served (all its processes); then the ratio to the same
-generation in this process, single-threaded (target >= 0.8), and to a pool of as many processes as
-the server generates with (the cost of HTTP alone); and loss-post latency (training posts, and
-validation posts that complete an evaluation).
+request, the server's CPU time per batch served (all its processes), its ratio to generation in
+this process on one thread (target >= 0.8) and to a pool of --generation-workers processes
+without HTTP, and the p99 of /healthz asked meanwhile (how long the event loop stalls). Then
+loss-post latency: training posts, and validation posts that complete an evaluation.
 
-The clients run in this process and share the machine with the server, as they would not in
-training (trainers read batches on other hosts), so the HTTP figures are a lower bound.
+The clients run here too and take CPU from the server, as they would not in training (trainers
+read batches on other hosts), so on a small machine the HTTP figures are a lower bound.
 """
 
 from __future__ import annotations
@@ -103,9 +106,10 @@ class Server:
 
 def clients_walk(
     server: Server, run: str, clients: int, wire_format: str, seconds: float
-) -> tuple[float, np.ndarray, float]:
-    """(batch positions per second, per-request latencies in s, server CPU ms per batch) of
-    `clients` concurrent ranks, one thread and one keep-alive connection each.
+) -> tuple[float, np.ndarray, float, np.ndarray]:
+    """(batch positions per second, per-request latencies in s, server CPU ms per batch, /healthz
+    latencies in s) of `clients` concurrent ranks, one thread and one keep-alive connection each,
+    while one more thread asks /healthz every 20 ms (a stalled event loop shows there).
 
     The clients use the standard library's http.client: it reads a 400 KB body with about a third
     of httpx's CPU time, and on a small machine every client cycle is taken from the server.
@@ -132,10 +136,24 @@ def clients_walk(
         connection.close()
         return step, latencies
 
+    def probe(start: threading.Barrier, until: list[float]) -> list[float]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        start.wait()
+        latencies = []
+        while time.perf_counter() < until[0]:
+            began = time.perf_counter()
+            connection.request("GET", "/healthz")
+            connection.getresponse().read()
+            latencies.append(time.perf_counter() - began)
+            time.sleep(0.02)
+        connection.close()
+        return latencies
+
     until = [float("inf")]
-    barrier = threading.Barrier(clients + 1)
-    with ThreadPoolExecutor(clients) as pool:
+    barrier = threading.Barrier(clients + 2)
+    with ThreadPoolExecutor(clients + 1) as pool:
         futures = [pool.submit(rank, r, barrier, until) for r in range(clients)]
+        probed = pool.submit(probe, barrier, until)
         barrier.wait()
         cpu = group_cpu_seconds(server.process.pid)
         start = time.perf_counter()
@@ -146,7 +164,7 @@ def clients_walk(
         # Prefetched batches of the last steps are generated but not served: counted, slightly.
         cpu_ms = (group_cpu_seconds(server.process.pid) - cpu) * 1000 / served
     latencies = np.concatenate([np.asarray(l) for _, l in results])
-    return served * BATCH_SIZE * SEQ_LEN / elapsed, latencies, cpu_ms
+    return served * BATCH_SIZE * SEQ_LEN / elapsed, latencies, cpu_ms, np.asarray(probed.result())
 
 
 async def loss_post_latency(url: str, run: str, names: list[str], posts: int) -> dict[str, np.ndarray]:
@@ -222,9 +240,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--formats", nargs="+", default=["arrow", "json"], choices=["arrow", "json"])
     ap.add_argument("--stores", nargs="+", default=["memory", "redis"], choices=["memory", "redis"])
-    ap.add_argument("--workers", type=int, default=1, help="uvicorn workers (more than 1 needs Redis)")
+    ap.add_argument("--redis-workers", type=int, default=2,
+                    help="uvicorn workers of the Redis-backed server (the in-process store serves one)")
     ap.add_argument("--generation-workers", type=int, default=2)
-    ap.add_argument("--executor", default="process", choices=["process", "thread"])
+    ap.add_argument("--executor", default="auto", choices=["auto", "process", "thread"],
+                    help="generation pool; auto: processes for one worker, threads for several")
     ap.add_argument("--prefetch-depth", type=int, default=2)
     ap.add_argument("--loss-posts", type=int, default=50)
     ap.add_argument("--corpus", help="a prepared token store (default: the embedded default corpus)")
@@ -236,8 +256,8 @@ def main() -> None:
     corpus = TokenStore.open(args.corpus) if args.corpus else default_store(progress=True)
     workdir = Path(tempfile.mkdtemp(prefix="birdie-bench-"))
     print(f"corpus {corpus.path} ({corpus.split('train').n_tokens:,} train tokens); {os.cpu_count()} cores; "
-          f"server: {args.workers} uvicorn worker(s), {args.generation_workers} generation {args.executor}(es), "
-          f"prefetch {args.prefetch_depth}; logs in {workdir}")
+          f"server: in-process store with 1 uvicorn worker, Redis with {args.redis_workers}; generation pool "
+          f"{args.executor} ({args.generation_workers} per worker); prefetch {args.prefetch_depth}; logs in {workdir}")
     print(f"birdie preset (55 configurations), B = {BATCH_SIZE}, L = {SEQ_LEN}; {args.seconds:g} s per row; "
           f"load average {os.getloadavg()[0]:.1f} (other work on this machine skews every figure)\n")
 
@@ -262,20 +282,19 @@ def main() -> None:
             redis = RedisServer(workdir / "redis", appendfsync="everysec")  # as in docker-compose.yml
             redis.start()
             env["BIRDIE_REDIS_URL"] = redis.url
-        elif args.workers > 1:
-            print("the in-process store serves one worker: skipping the memory rows")
-            continue
-        server = Server(env, args.workers, workdir / f"server-{store}.log")
+        workers = args.redis_workers if store == "redis" else 1
+        server = Server(env, workers, workdir / f"server-{store}.log")
         try:
             for wire_format in args.formats:
                 for clients in args.clients:
                     run = f"bench-{wire_format}-{clients}"
                     httpx.post(server.url + "/runs", json=run_config(run), timeout=60).raise_for_status()
-                    throughput, latencies, cpu_ms = clients_walk(server, run, clients, wire_format, args.seconds)
-                    rows.append((store, wire_format, clients, throughput, latencies, cpu_ms))
+                    throughput, latencies, cpu_ms, health = clients_walk(server, run, clients, wire_format,
+                                                                         args.seconds)
+                    rows.append((store, wire_format, clients, throughput, latencies, cpu_ms, health))
                     print(f"{store:7} {wire_format:6} {clients:3} clients: {throughput / 1e6:6.2f} M positions/s  "
-                          f"p50 {ms(latencies, 50)} ms  p99 {ms(latencies, 99)} ms  server CPU {cpu_ms:5.2f} ms/batch",
-                          flush=True)
+                          f"p50 {ms(latencies, 50)} ms  p99 {ms(latencies, 99)} ms  server CPU {cpu_ms:5.2f} ms/batch  "
+                          f"/healthz p99 {ms(health, 99)} ms", flush=True)
             run = "bench-losses"
             info = httpx.post(server.url + "/runs", json=run_config(run), timeout=60).json()
             names = [o["name"] for o in info["objectives"]]
@@ -292,10 +311,11 @@ def main() -> None:
     print("HTTP / in-process: `x 1 thread` is the target ratio (>= 0.8); `x pool` compares with the same "
           "generation processes without HTTP\n")
     print(f"{'store':8}{'format':8}{'clients':>8}{'M pos/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}"
-          f"{'x 1 thread':>12}{'x pool':>8}")
-    for store, wire_format, clients, throughput, latencies, cpu_ms in rows:
+          f"{'x 1 thread':>12}{'x pool':>8}{'healthz p99':>13}")
+    for store, wire_format, clients, throughput, latencies, cpu_ms, health in rows:
         print(f"{store:8}{wire_format:8}{clients:8d}{throughput / 1e6:10.2f}{ms(latencies, 50):>9}"
-              f"{ms(latencies, 99):>9}{cpu_ms:8.2f}{throughput / baseline:12.2f}{throughput / pool_baseline:8.2f}")
+              f"{ms(latencies, 99):>9}{cpu_ms:8.2f}{throughput / baseline:12.2f}{throughput / pool_baseline:8.2f}"
+              f"{ms(health, 99):>13}")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     print(f"\nloss posts ({len(names)} configurations each), one client, sequential:")
     print(f"{'store':8}{'split':12}{'p50 ms':>9}{'p99 ms':>9}")

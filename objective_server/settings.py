@@ -44,11 +44,14 @@ class Settings(BaseSettings):
     max_step: int = Field((1 << 31) - 1, ge=1)
     max_world_size: int = Field(1 << 16, ge=1)
     # Batch generation: steps generated ahead for each rank after it is served, recent batches kept,
-    # and the pool that generates them ("process": no GIL contention with the event loop).
+    # and the pool that generates them. "process": worker processes, so one server process uses
+    # several cores (each batch then crosses a pipe, ~2 ms CPU for 400 KB); "thread": no copy, but
+    # one core per server process (generation holds the GIL). "auto": processes for a single
+    # worker, threads when there are several uvicorn workers (they already use the cores).
     prefetch_depth: int = Field(2, ge=0, le=64)
     cache_size: int = Field(128, ge=1)
     generation_workers: int = Field(2, ge=1, le=256)
-    generation_executor: Literal["process", "thread"] = "process"
+    generation_executor: Literal["auto", "process", "thread"] = "auto"
     # Pending loss aggregates are drained (policy update) at least this often per run.
     drain_interval_s: float = Field(5.0, gt=0)
     # A policy update may hold the run's lock this long before another replica may take it over.
@@ -91,6 +94,12 @@ class Settings(BaseSettings):
                 "--redis-url); with the in-process store each worker would keep its own run state"
             )
         return self
+
+    @property
+    def generation_kind(self) -> Literal["process", "thread"]:
+        if self.generation_executor != "auto":
+            return self.generation_executor
+        return "process" if self.workers == 1 else "thread"
 
     @property
     def store_description(self) -> str:

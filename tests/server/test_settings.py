@@ -55,3 +55,10 @@ def test_logged_urls_hide_passwords():
     assert redacted_url("redis://user:pw@redis:6379/0") == "redis://user:***@redis:6379/0"
     assert redacted_url("redis://redis:6379/0") == "redis://redis:6379/0"
     assert "pw" not in Settings(redis_url="redis://:pw@r:1/0").store_description
+
+
+def test_auto_generation_uses_processes_for_one_worker_and_threads_for_several():
+    assert Settings().generation_kind == "process"
+    assert Settings(workers=3, redis_url="redis://r:1/0").generation_kind == "thread"
+    assert Settings(workers=3, redis_url="redis://r:1/0", generation_executor="process").generation_kind == "process"
+    assert Settings(generation_executor="thread").generation_kind == "thread"
