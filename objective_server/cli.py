@@ -239,8 +239,9 @@ def _open_corpus(path: str | None):
               help="Register a shipped preset run (birdie, ul2, decoder-ul2, ntp); repeatable.  [env BIRDIE_PRESETS]")
 @click.option("--api-token", help="Require `Authorization: Bearer TOKEN` on every route but /healthz and "
               "/readyz (prefer the env variable: arguments show in `ps`).  [env BIRDIE_API_TOKEN]")
-@click.option("--generation-executor", type=click.Choice(["process", "thread"]),
-              help="Where batches are generated.  [env BIRDIE_GENERATION_EXECUTOR; default process]")
+@click.option("--generation-executor", type=click.Choice(["auto", "process", "thread"]),
+              help="Where batches are generated; auto: processes for one worker, threads for several.  "
+              "[env BIRDIE_GENERATION_EXECUTOR; default auto]")
 @click.option("--generation-workers", type=int, help="Generation processes/threads per server worker.  "
               "[env BIRDIE_GENERATION_WORKERS; default 2]")
 @click.option("--prefetch-depth", type=int, help="Steps generated ahead per rank.  [env BIRDIE_PREFETCH_DEPTH; default 2]")
