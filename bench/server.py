@@ -38,7 +38,6 @@ from urllib.parse import urlencode
 
 import httpx
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the redis-server fixture doubles as the bench's Redis

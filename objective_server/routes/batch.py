@@ -26,6 +26,8 @@ BATCH_RESPONSES = {
 
 def negotiate(wire_format: str | None, accept: str, decode: bool) -> Literal["arrow", "json"]:
     """`format=` wins; then the Accept header; decoded text implies JSON; Arrow by default."""
+    if wire_format == "arrow" and decode:
+        raise InvalidRequest("decode=1 adds decoded text to the JSON format: use format=json")
     if wire_format is not None:
         return wire_format  # type: ignore[return-value]
     if decode:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from clients.wire import ARROW_MEDIA_TYPE, JSON_MEDIA_TYPE
 from objective_server.metrics import Metrics
@@ -193,8 +193,6 @@ class BatchService:
     async def encode(self, served: ServedBatch, wire_format: WireFormat, decode: bool) -> tuple[bytes, str]:
         """(body, media type) of a served batch."""
         if wire_format == "arrow":
-            if decode:
-                raise InvalidRequest("decode=1 adds decoded text to the JSON format: use format=json")
             return served.arrow, ARROW_MEDIA_TYPE
         body = await self.pool.run(render_json, self.pool.corpus_path, served.arrow, decode)
         return body, JSON_MEDIA_TYPE

@@ -259,6 +259,7 @@ async def test_malformed_and_hostile_requests_get_4xx_and_change_nothing(app_cli
         ({"run": "small", "step": 0, "format": "xml"}, 422),
         ({"run": "small", "step": 0, "split": "test"}, 422),
         ({"run": "small", "step": 0, "index": -3, "split": "validation", "objective": name}, 422),
+        ({"run": "small", "step": 9, "format": "arrow", "decode": 1}, 422),  # would mark step 9 served
     ]
     for params, status in bad_batches:
         response = await client.get("/batch", params=params)
