@@ -278,7 +278,7 @@ def main() -> None:
             if redis_server_binary() is None:
                 print("redis-server not installed: skipping the Redis rows")
                 continue
-            redis = RedisServer(workdir / "redis", appendfsync="everysec")  # as in docker-compose.yml
+            redis = RedisServer(workdir / "redis", appendfsync="always")  # as in docker-compose.yml
             redis.start()
             env["BIRDIE_REDIS_URL"] = redis.url
         workers = args.redis_workers if store == "redis" else 1

@@ -43,6 +43,7 @@ def test_compose_file_wires_redis_server_and_trainer(compose):
     assert redis["image"] == "redis:7"
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "always"  # acknowledged writes survive a crash
     assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
     assert any(v.endswith(":/data") for v in redis["volumes"])
 
