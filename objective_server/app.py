@@ -198,7 +198,8 @@ class BodySizeLimit:
     """Answers 413 to a request body above `max_bytes` before any route parses it.
 
     The body (at most `max_bytes`) is read here and handed on, so a chunked upload without a
-    Content-Length is limited as well as one that declares its size.
+    Content-Length is limited as well as one that declares its size. (Recent FastAPI releases have
+    a `max_body_size` of their own; this project supports older ones too.)
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
