@@ -47,19 +47,84 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// The machine word of a pack's size. Global accesses go through __ldg / __stwb on these
+// words: those are fixed-width instructions, whereas a plain vector-typed access was split
+// by the compiler into one access per element wherever it could not prove the alignment
+// from the pointer arithmetic (the strided steps along T). The host guarantees alignment.
+template <int BYTES>
+struct Word;
+template <>
+struct Word<2> {
+  using type = unsigned short;
+};
+template <>
+struct Word<4> {
+  using type = unsigned int;
+};
+template <>
+struct Word<8> {
+  using type = uint2;
+};
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+
+// Inputs are never written while a kernel runs (outputs are separate allocations), so the
+// read-only path (ld.global.nc) is safe.
 template <typename Acc, typename T, int VEC>
 __device__ __forceinline__ void load_widened(const T* ptr, Acc (&out)[VEC]) {
-  const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(ptr);
+  using W = typename Word<sizeof(T) * VEC>::type;
+  Pack<T, VEC> p;
+  *reinterpret_cast<W*>(&p) = __ldg(reinterpret_cast<const W*>(ptr));
 #pragma unroll
   for (int v = 0; v < VEC; ++v) out[v] = static_cast<Acc>(widen(p.v[v]));
 }
 
+__device__ __forceinline__ unsigned int raw_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned long long raw_bits(double v) {
+  return static_cast<unsigned long long>(__double_as_longlong(v));
+}
+__device__ __forceinline__ unsigned short raw_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ unsigned short raw_bits(__half v) { return __half_as_ushort(v); }
+
+// Stores VEC elements as one 2/4/8/16-byte access, the word assembled from the raw bits.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* ptr, const T (&v)[VEC]) {
+  constexpr int bytes = int(sizeof(T)) * VEC;
+  if constexpr (bytes == 2) {
+    __stwb(reinterpret_cast<unsigned short*>(ptr), raw_bits(v[0]));
+  } else {
+    constexpr int n_words = bytes / 4;
+    unsigned int w[n_words];
+#pragma unroll
+    for (int i = 0; i < n_words; ++i) {
+      if constexpr (sizeof(T) == 2) {  // little endian: element 2i in the low half
+        w[i] = unsigned(raw_bits(v[2 * i])) | (unsigned(raw_bits(v[2 * i + 1])) << 16);
+      } else if constexpr (sizeof(T) == 4) {
+        w[i] = raw_bits(v[i]);
+      } else {
+        const unsigned long long b = raw_bits(v[i / 2]);
+        w[i] = (i % 2 == 0) ? unsigned(b) : unsigned(b >> 32);
+      }
+    }
+    if constexpr (n_words == 1) {
+      __stwb(reinterpret_cast<unsigned int*>(ptr), w[0]);
+    } else if constexpr (n_words == 2) {
+      __stwb(reinterpret_cast<uint2*>(ptr), make_uint2(w[0], w[1]));
+    } else {
+      static_assert(n_words == 4, "packs are at most 16 bytes");
+      __stwb(reinterpret_cast<uint4*>(ptr), make_uint4(w[0], w[1], w[2], w[3]));
+    }
+  }
+}
+
 template <typename T, typename Acc, int VEC>
 __device__ __forceinline__ void store_narrowed(T* ptr, const Acc (&in)[VEC]) {
-  Pack<T, VEC> p;
+  T out[VEC];
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) p.v[v] = narrow<T>(in[v]);
-  *reinterpret_cast<Pack<T, VEC>*>(ptr) = p;
+  for (int v = 0; v < VEC; ++v) out[v] = narrow<T>(in[v]);
+  store_pack<T, VEC>(ptr, out);
 }
 
 template <typename G, typename X>
