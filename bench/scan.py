@@ -36,6 +36,7 @@ from trainer.scan import linear_scan_reference  # noqa: E402
 from trainer.scan.op import _scan  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("ours", "associative", "reference", "accelerated")
 SWEEP_TILES = ["1,4", "1,8", "1,16", "2,4", "2,8", "2,16", "4,4", "4,8", "4,16"]
 
 
@@ -119,6 +120,18 @@ def float64_states(a, x, split):
         return linear_scan_reference(a.double(), x.double(), split=split)
 
 
+class ReferenceStates:
+    """float64 states of one input set per split, computed once (a loop over T each)."""
+
+    def __init__(self, a, x):
+        self.a, self.x, self.cache = a, x, {}
+
+    def __call__(self, split):
+        if split not in self.cache:
+            self.cache[split] = float64_states(self.a, self.x, split)
+        return self.cache[split]
+
+
 def rel_err(h, want) -> float:
     h = h.double()
     if not torch.isfinite(h).all():
@@ -136,7 +149,7 @@ def measure(fwd, grads_of, device, budget_s, fwd_bytes, bwd_bytes, numel, with_b
     return result
 
 
-def bench_ours(a, x, dh, dtype, device, budget_s, backend, label, directions):
+def bench_ours(a, x, dh, dtype, device, budget_s, backend, label, directions, want):
     batch, length, width = a.shape
     fwd_bytes, bwd_bytes = bytes_per_element(dtype)
     records = []
@@ -152,13 +165,13 @@ def bench_ours(a, x, dh, dtype, device, budget_s, backend, label, directions):
             h = _scan(a_g, x_g, None, split, backend)
             return torch.autograd.grad(h, (a_g, x_g), dh)
 
-        err = rel_err(fwd(), float64_states(a, x, split))
+        err = rel_err(fwd(), want(split))
         numbers = measure(fwd, grads_of, device, budget_s, fwd_bytes, bwd_bytes, a.numel())
         records.append(Record(label, direction, dtype, batch, length, width, *numbers, rel_err=err))
     return records
 
 
-def bench_reference(a, x, dh, dtype, device, budget_s):
+def bench_reference(a, x, dh, dtype, device, budget_s, want):
     batch, length, width = a.shape
     fwd_bytes, bwd_bytes = bytes_per_element(dtype)
     xf = x.float()  # the loop computes in x's dtype otherwise, losing bf16 accuracy at each step
@@ -171,13 +184,13 @@ def bench_reference(a, x, dh, dtype, device, budget_s):
     def grads_of():
         return torch.autograd.grad(linear_scan_reference(a_g, x_g), (a_g, x_g), dh.float())
 
-    err = rel_err(fwd(), float64_states(a, x, width))
+    err = rel_err(fwd(), want(width))
     numbers = measure(fwd, grads_of, device, budget_s / 4, fwd_bytes, bwd_bytes, a.numel())
     return [Record("reference loop", "forward", dtype, batch, length, width, *numbers, rel_err=err,
                    note="python loop over T in fp32")]
 
 
-def bench_associative_scan(a, x, dh, dtype, device, budget_s, with_backward):
+def bench_associative_scan(a, x, dh, dtype, device, budget_s, with_backward, want):
     from torch._higher_order_ops import associative_scan
 
     batch, length, width = a.shape
@@ -202,7 +215,7 @@ def bench_associative_scan(a, x, dh, dtype, device, budget_s, with_backward):
         return torch.autograd.grad(compiled(a_g, x_g), (a_g, x_g), dh)
 
     try:
-        err = rel_err(fwd(), float64_states(a, x, width))
+        err = rel_err(fwd(), want(width))
         numbers = measure(fwd, lambda: None, device, budget_s, fwd_bytes, bwd_bytes, a.numel(), False)
         note = "compiled; pairs in fp32"
         if with_backward:
@@ -288,7 +301,7 @@ def print_table(records: list[Record], copy_gbps: float) -> None:
         both_pct = r.fwd_bwd_gbps / copy_gbps * 100 if r.fwd_bwd_gbps else None
         print(f"{r.impl:<24}{r.direction:<14}{fmt(r.fwd_ms, '9.3f')}{fmt(r.fwd_gbps, '8.0f')}"
               f"{fmt(fwd_pct, '7.1f')}{fmt(r.fwd_bwd_ms, '12.3f')}{fmt(r.fwd_bwd_gbps, '8.0f')}"
-              f"{fmt(both_pct, '7.1f')}{fmt(r.rel_err, '10.1e')}  {r.note}")
+              f"{fmt(both_pct, '7.1f')}{fmt(r.rel_err, '10.1e')}  {r.note}", flush=True)
 
 
 def sweep(args, copy_gbps) -> list[Record]:
@@ -296,7 +309,8 @@ def sweep(args, copy_gbps) -> list[Record]:
     length = 4096 if 4096 in args.lengths else args.lengths[0]
     for dtype in args.dtypes:
         a, x, dh = make_inputs(args.batch, length, args.width, dtype, "cuda")
-        print(f"\nsweep: B={args.batch} T={length} D={args.width} {dtype}")
+        want = ReferenceStates(a, x)
+        print(f"\nsweep: B={args.batch} T={length} D={args.width} {dtype}", flush=True)
         rows = []
         for tile in ["auto"] + SWEEP_TILES:
             if tile == "auto":
@@ -304,7 +318,7 @@ def sweep(args, copy_gbps) -> list[Record]:
             else:
                 os.environ["BIRDIE_SCAN_CUDA_TILE"] = tile
             for r in bench_ours(a, x, dh, dtype, "cuda", args.budget, "cuda", f"tile {tile}",
-                                ["forward", "reverse"]):
+                                ["forward", "reverse"], want):
                 rows.append(r)
         os.environ.pop("BIRDIE_SCAN_CUDA_TILE", None)
         print_table(rows, copy_gbps)
@@ -321,7 +335,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
     parser.add_argument("--sweep", action="store_true", help="CUDA: time every kernel tile")
-    parser.add_argument("--no-others", action="store_true", help="only linear_scan")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                        help="which implementations to time (default: all that apply)")
     parser.add_argument("--assoc-backward", action="store_true",
                         help="also time associative_scan forward+backward (seconds per call)")
     parser.add_argument("--threads", type=int, help="CPU: torch intra-op threads")
@@ -368,20 +383,24 @@ def main() -> None:
                 floor_both = a.numel() * (fwd_bytes + bwd_bytes) / (copy_gbps * 1e9) * 1e3
                 print(f"\nB={args.batch} T={length} D={args.width} {dtype} (gates fp32): "
                       f"{fwd_bytes} + {bwd_bytes} B/element; floor at copy bandwidth: "
-                      f"fwd {floor_fwd:.3f} ms, fwd+bwd {floor_both:.3f} ms")
+                      f"fwd {floor_fwd:.3f} ms, fwd+bwd {floor_both:.3f} ms", flush=True)
                 backend = "cuda" if device == "cuda" else "cpp"
                 label = "linear_scan (cuda)" if device == "cuda" else "linear_scan (c++)"
-                rows = bench_ours(a, x, dh, dtype, device, args.budget, backend, label,
-                                  ["forward", "reverse", "bidirectional"])
-                if not args.no_others:
-                    if device == "cuda":
-                        rows += bench_associative_scan(a, x, dh, dtype, device, args.budget, args.assoc_backward)
-                    rows += bench_reference(a, x, dh, dtype, device, args.budget)
-                    if device == "cuda":
-                        rows += bench_accelerated_scan(args.batch, length, args.width, dtype, args.budget)
+                want = ReferenceStates(a, x)
+                rows = []
+                if "ours" in args.impls:
+                    rows += bench_ours(a, x, dh, dtype, device, args.budget, backend, label,
+                                       ["forward", "reverse", "bidirectional"], want)
+                if "associative" in args.impls and device == "cuda":
+                    rows += bench_associative_scan(a, x, dh, dtype, device, args.budget,
+                                                   args.assoc_backward, want)
+                if "reference" in args.impls:
+                    rows += bench_reference(a, x, dh, dtype, device, args.budget, want)
+                if "accelerated" in args.impls and device == "cuda":
+                    rows += bench_accelerated_scan(args.batch, length, args.width, dtype, args.budget)
                 print_table(rows, copy_gbps)
                 records += rows
-                del a, x, dh
+                del a, x, dh, want
                 if device == "cuda":
                     torch.cuda.empty_cache()
     if args.json:
