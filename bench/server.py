@@ -11,10 +11,10 @@ with one uvicorn worker (generating in a process pool), Redis with --redis-worke
 has read the last one.
 
 Printed per row: batch positions (B * L) per second over all clients, p50/p99 latency of one
-request, the server's CPU time per batch served (all its processes), its ratio to generation in
-this process on one thread (target >= 0.8) and to a pool of --generation-workers processes
-without HTTP, and the p99 of /healthz asked meanwhile (how long the event loop stalls). Then
-loss-post latency: training posts, and validation posts that complete an evaluation.
+request, the server's CPU time per batch served (all its processes), generation in this process on
+one thread measured just before the row and the throughput ratio to it (target >= 0.8), and the
+p99 of /healthz asked meanwhile (how long the event loop stalls). Then loss-post latency: training
+posts, and validation posts that complete an evaluation.
 
 The clients run here too and take CPU from the server, as they would not in training (trainers
 read batches on other hosts), so on a small machine the HTTP figures are a lower bound.
@@ -208,25 +208,12 @@ def _generate_for(seconds: float, corpus_path: str, first_step: int) -> tuple[in
     return steps, time.process_time() - cpu
 
 
-def in_process_generation(corpus_path: str, seconds: float, processes: int) -> tuple[float, float]:
-    """(batch positions per second, CPU ms per batch) of generation in this process (1 thread),
-    or in `processes` worker processes at once (the server's pool without HTTP)."""
-    if processes == 1:
-        start = time.perf_counter()
-        steps, cpu = _generate_for(seconds, corpus_path, 0)
-        elapsed = time.perf_counter() - start
-        return steps * BATCH_SIZE * SEQ_LEN / elapsed, cpu * 1000 / steps
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(_generate_for, [0.1] * processes, [corpus_path] * processes, range(processes)))  # start
-        start = time.perf_counter()
-        results = list(pool.map(_generate_for, [seconds] * processes, [corpus_path] * processes,
-                                [i * 10**5 for i in range(processes)]))
-        elapsed = time.perf_counter() - start
-    steps = sum(r[0] for r in results)
-    return steps * BATCH_SIZE * SEQ_LEN / elapsed, sum(r[1] for r in results) * 1000 / steps
+def in_process_generation(corpus_path: str, seconds: float) -> tuple[float, float]:
+    """(batch positions per second, CPU ms per batch) of generate_batch in this process, one thread."""
+    start = time.perf_counter()
+    steps, cpu = _generate_for(seconds, corpus_path, 0)
+    elapsed = time.perf_counter() - start
+    return steps * BATCH_SIZE * SEQ_LEN / elapsed, cpu * 1000 / steps
 
 
 def ms(values: np.ndarray, q: float) -> str:
@@ -260,11 +247,8 @@ def main() -> None:
     print(f"birdie preset (55 configurations), B = {BATCH_SIZE}, L = {SEQ_LEN}; {args.seconds:g} s per row; "
           f"load average {os.getloadavg()[0]:.1f} (other work on this machine skews every figure)\n")
 
-    baseline, baseline_cpu = in_process_generation(str(corpus.path), args.seconds, 1)
-    pool_baseline, pool_cpu = in_process_generation(str(corpus.path), args.seconds, args.generation_workers)
-    print(f"in-process generation: 1 thread {baseline / 1e6:.2f} M positions/s ({baseline_cpu:.2f} ms CPU per "
-          f"batch); {args.generation_workers} processes {pool_baseline / 1e6:.2f} M positions/s\n", flush=True)
     rows = []
+    baseline_seconds = max(1.5, args.seconds / 2)
     post_rows = []
     for store in args.stores:
         redis = None
@@ -288,12 +272,16 @@ def main() -> None:
                 for clients in args.clients:
                     run = f"bench-{wire_format}-{clients}"
                     httpx.post(server.url + "/runs", json=run_config(run), timeout=60).raise_for_status()
+                    # The baseline right before the row, so both see the same machine load.
+                    baseline, baseline_cpu = in_process_generation(str(corpus.path), baseline_seconds)
                     throughput, latencies, cpu_ms, health = clients_walk(server, run, clients, wire_format,
                                                                          args.seconds)
-                    rows.append((store, wire_format, clients, throughput, latencies, cpu_ms, health))
+                    rows.append((store, wire_format, clients, throughput, latencies, cpu_ms, health, baseline,
+                                 baseline_cpu))
                     print(f"{store:7} {wire_format:6} {clients:3} clients: {throughput / 1e6:6.2f} M positions/s  "
                           f"p50 {ms(latencies, 50)} ms  p99 {ms(latencies, 99)} ms  server CPU {cpu_ms:5.2f} ms/batch  "
-                          f"/healthz p99 {ms(health, 99)} ms", flush=True)
+                          f"/healthz p99 {ms(health, 99)} ms  (in-process {baseline / 1e6:.2f} M positions/s, "
+                          f"{baseline_cpu:.2f} ms CPU/batch)", flush=True)
             run = "bench-losses"
             info = httpx.post(server.url + "/runs", json=run_config(run), timeout=60).json()
             names = [o["name"] for o in info["objectives"]]
@@ -304,17 +292,15 @@ def main() -> None:
             if redis is not None:
                 redis.kill()
 
-    print(f"\nin-process generate_batch: 1 thread {baseline / 1e6:.2f} M positions/s "
-          f"({baseline / (BATCH_SIZE * SEQ_LEN):.0f} batches/s, {baseline_cpu:.2f} ms CPU each); "
-          f"{args.generation_workers} processes {pool_baseline / 1e6:.2f} M positions/s")
-    print("HTTP / in-process: `x 1 thread` is the target ratio (>= 0.8); `x pool` compares with the same "
-          "generation processes without HTTP\n")
+    print("\nM pos/s: batch positions served per second over all clients; CPU ms: server CPU per batch "
+          "(all its processes);\nin-proc: generate_batch on one thread in this process just before the row; "
+          "x in-proc: the throughput ratio (target >= 0.8)\n")
     print(f"{'store':8}{'format':8}{'clients':>8}{'M pos/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}"
-          f"{'x 1 thread':>12}{'x pool':>8}{'healthz p99':>13}")
-    for store, wire_format, clients, throughput, latencies, cpu_ms, health in rows:
+          f"{'in-proc':>9}{'(CPU ms)':>10}{'x in-proc':>11}{'healthz p99':>13}")
+    for store, wire_format, clients, throughput, latencies, cpu_ms, health, baseline, baseline_cpu in rows:
         print(f"{store:8}{wire_format:8}{clients:8d}{throughput / 1e6:10.2f}{ms(latencies, 50):>9}"
-              f"{ms(latencies, 99):>9}{cpu_ms:8.2f}{throughput / baseline:12.2f}{throughput / pool_baseline:8.2f}"
-              f"{ms(health, 99):>13}")
+              f"{ms(latencies, 99):>9}{cpu_ms:8.2f}{baseline / 1e6:9.2f}{baseline_cpu:10.2f}"
+              f"{throughput / baseline:11.2f}{ms(health, 99):>13}")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     print(f"\nloss posts ({len(names)} configurations each), one client, sequential:")
     print(f"{'store':8}{'split':12}{'p50 ms':>9}{'p99 ms':>9}")
