@@ -1,0 +1,635 @@
+"""birdie-train: train a model on batches from the Birdie objective server.
+
+    birdie-train --run demo --create-run --preset birdie --seq-len 256 --steps 300 --model hawk
+    birdie-train --config run.yaml --lr 1e-3                     # YAML, then flags override
+    torchrun --nproc_per_node 2 -m trainer.train --run demo      # DDP: each rank asks for its batches
+
+One loop, top to bottom:
+1. The run: created from the config when asked (POST /runs; the same config again is a no-op), then
+   read back (vocabulary, evaluation steps, objective configurations).
+2. The model, AdamW (no weight decay on gates, RG-LRU parameters, norms and biases), a cosine
+   schedule with linear warmup; a checkpoint restores all of it (model, optimiser, schedule,
+   step, RNG) and training continues at its step.
+3. Batches: `clients.BatchIterator` fetches this rank's addressed batches (run, rank,
+   world_size, step) ahead of use; resuming at step s asks for step s, so a resumed run sees
+   exactly the batches a straight run would have.
+4. Each step: forward (bf16 autocast on GPU), token-weighted cross-entropy over the suffix
+   tokens of all ranks, backward, gradient clipping, optimiser and schedule step. The
+   per-configuration losses of this rank's batch are posted (`LossPoster`, never blocking).
+5. At the run's evaluation steps: per-configuration validation losses on the server's fixed
+   validation batches, each rank scoring its share of the configurations and posting them with
+   split="validation" (the server aggregates the ranks token-weighted and updates the mixture).
+6. Progress bar (loss, tokens/s, share of step time spent waiting for data), a JSON Lines
+   metrics file and checkpoints.
+
+Evaluation s happens after training step s-1, i.e. after s steps; a checkpoint at s is written
+after it, so a resume from s neither repeats nor skips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.evaluate import (
+    batch_tensors,
+    fetch_validation_batches,
+    forward_logits,
+    per_objective_sums,
+    score_batches,
+    token_losses,
+)
+from trainer.models import LanguageModel, build_model
+from trainer.models.common import IGNORE_INDEX
+
+log = logging.getLogger("birdie.train")
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    # model (vocab_size comes from the run)
+    model: str = "hawk"  # hawk | gated_ssm | transformer
+    d_model: int = 256
+    n_layers: int = 4
+    bidirectional: bool = True
+    model_options: dict[str, Any] = field(default_factory=dict)  # other fields of the model's config
+    init_seed: int = 0  # model initialisation
+    # the server and the run
+    server_url: str | None = None  # None: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000
+    run: str = "birdie"
+    create_run: bool = False  # POST /runs with the fields below (and total_steps = steps) first
+    preset: str = "birdie"
+    seq_len: int = 512
+    batch_size: int = 8
+    run_seed: int = 0  # the run's data seed
+    policy: str = "birdie"  # fixed | birdie | exp3
+    eval_steps: list[int] | None = None  # None: Birdie's schedule scaled to the run
+    validation_batches: int = 1  # per configuration, kept by the server (all are scored)
+    validation_rows: int | None = None  # score only the first rows of each (cheaper on a CPU)
+    steps: int | None = None  # training steps; None: the run's total_steps
+    # optimisation
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # 0: no clipping
+    # evaluation, checkpoints, metrics
+    evaluate: bool = True  # validation losses at the run's evaluation steps
+    checkpoint_dir: str | None = None
+    checkpoint_interval: int = 0  # every this many steps (0: only at the end)
+    resume: str | None = None  # a checkpoint file, or "auto": the latest in checkpoint_dir if any
+    metrics_file: str | None = None  # JSON Lines, written by rank 0
+    # runtime
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (a DDP rank takes cuda:LOCAL_RANK)
+    prefetch: int = 4  # batches fetched ahead
+    threads: int | None = None  # torch CPU threads (None: torch's default); fewer than the cores
+    # when the server shares the machine: an oversubscribed thread pool is many times slower
+    progress: bool = True
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self) -> None:
+        checks = {
+            "d_model": self.d_model >= 1, "n_layers": self.n_layers >= 1, "seq_len": self.seq_len >= 1,
+            "batch_size": self.batch_size >= 1, "lr": self.lr > 0, "warmup_steps": self.warmup_steps >= 0,
+            "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
+            "checkpoint_interval": self.checkpoint_interval >= 0, "prefetch": self.prefetch >= 1,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "validation_batches": self.validation_batches >= 1,
+            "validation_rows": self.validation_rows is None or self.validation_rows >= 1,
+            "threads": self.threads is None or self.threads >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid config values: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.create_run and self.steps is None:
+            raise ValueError("creating a run needs steps (its total_steps)")
+        if self.resume not in (None, "auto") and not Path(self.resume).is_file():
+            raise ValueError(f"resume: no checkpoint file {self.resume!r}")
+        if self.resume == "auto" and not self.checkpoint_dir:
+            raise ValueError("resume='auto' looks in checkpoint_dir; set it")
+
+    def run_config(self) -> dict[str, Any]:
+        """The RunConfig mapping POST /runs receives when `create_run` is set."""
+        config: dict[str, Any] = {
+            "name": self.run, "preset": self.preset, "seq_len": self.seq_len, "batch_size": self.batch_size,
+            "seed": self.run_seed, "policy": {"name": self.policy}, "total_steps": self.steps,
+            "validation_batches": self.validation_batches,
+        }
+        if self.eval_steps is not None:
+            config["eval_steps"] = list(self.eval_steps)
+        return config
+
+    def model_fields(self, vocab_size: int) -> dict[str, Any]:
+        return {"vocab_size": vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
+                "bidirectional": self.bidirectional, **self.model_options}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration from YAML and flags
+# ---------------------------------------------------------------------------------------------
+
+
+def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """`base` (default: the defaults) with `values` overriding; unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; known: {sorted(names)}")
+    return dataclasses.replace(base or TrainConfig(), **values)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A YAML file of TrainConfig fields, then `overrides`."""
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields")
+    return config_from_mapping(overrides or {}, config_from_mapping(values))
+
+
+def _parse_value(field_type: Any, text: str) -> Any:
+    """A flag's text as the field's type; lists and mappings are YAML (e.g. `[10, 50]`)."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if text.strip().lower() in ("none", "null", "~"):
+        return None
+    origin = typing.get_origin(field_type)
+    args = [a for a in typing.get_args(field_type) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        return _parse_value(args[0], text)
+    if field_type is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {text!r}")
+    if field_type is str:
+        return text
+    if field_type in (int, float):
+        try:
+            return field_type(text)
+        except ValueError:
+            raise ValueError(f"expected {field_type.__name__}, got {text!r}") from None
+    expected = origin or field_type
+    if not isinstance(value, expected):
+        raise ValueError(f"expected a YAML {expected.__name__}, got {text!r}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """TrainConfig from `--config FILE` (YAML) and `--field-name VALUE` flags (flags win).
+
+    Booleans take `--flag` / `--no-flag`; lists and mappings are YAML (`--eval-steps [10,50]`,
+    `--model-options {rnn_width: 384}`); `none` unsets an optional field."""
+    import argparse
+
+    hints = typing.get_type_hints(TrainConfig)
+    parser = argparse.ArgumentParser(
+        prog="birdie-train", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file of config fields (flags override it)")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"(default {default})")
+        else:
+            parser.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=f"(default {default!r})",
+                                type=lambda text, t=hints[f.name], n=flag: _checked(t, text, n))
+    given = vars(parser.parse_args(argv))
+    config_path = given.pop("config", None)
+    try:
+        if config_path:
+            return load_config(config_path, given)
+        return config_from_mapping(given)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+
+
+def _checked(field_type: Any, text: str, flag: str) -> Any:
+    import argparse
+
+    try:
+        return _parse_value(field_type, text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{flag}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and torch.distributed
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Distributed:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto": CUDA when available, else CPU; a DDP rank on CUDA takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def decays(name: str, parameter: nn.Parameter) -> bool:
+    """Whether AdamW's weight decay applies: not to gates and the RG-LRU's parameters (decay
+    would pull the recurrence towards forgetting), nor to norms, biases and other vectors."""
+    if parameter.ndim < 2:
+        return False
+    return ".rg_lru." not in name and ".gates." not in name
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    with_decay, without = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (with_decay if decays(name, parameter) else without).append(parameter)
+    return [{"params": with_decay, "weight_decay": weight_decay}, {"params": without, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at `step`: linear warmup over warmup_steps, then a cosine from
+    1 down to min_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas),
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps, config.min_lr_ratio)
+    )
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:08d}.pt"
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    paths = sorted(Path(directory).glob("step_*.pt"))
+    return paths[-1] if paths else None
+
+
+def save_checkpoint(
+    path: str | Path, *, model: LanguageModel, model_name: str, optimizer, scheduler, step: int,
+    config: TrainConfig, world_size: int,
+) -> Path:
+    """Everything a resume needs; written to a temporary file and renamed, so a crash never leaves
+    a half-written checkpoint under the final name. `step` is the next step to train."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "run": config.run,
+        "world_size": world_size,
+        "model_name": model_name,
+        "model_config": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "config": dataclasses.asdict(config),
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a birdie-train checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, dict[str, Any]]:
+    """The model stored in a checkpoint, on `device`, and the checkpoint's contents."""
+    state = load_checkpoint(path, device)
+    model = build_model(state["model_name"], **state["model_config"]).to(device)
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and progress
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_digest(input_ids) -> str:
+    """A short fingerprint of a batch's input ids (to check that replays see the same data)."""
+    return hashlib.blake2b(np.ascontiguousarray(input_ids).tobytes(), digest_size=8).hexdigest()
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; a no-op without a path."""
+
+    def __init__(self, path: str | None):
+        self.file = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+@dataclass
+class TrainResult:
+    run: str
+    start_step: int
+    end_step: int  # the next step to train
+    model: LanguageModel
+    history: list[dict[str, Any]]  # one record per step
+    validations: list[dict[str, Any]]  # one record per evaluation
+    num_params: int
+    flops_per_token: float
+    seconds: float
+    checkpoint: Path | None
+    failed_posts: int
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history[-1]["loss"] if self.history else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> TrainResult:
+    from clients import BatchIterator, BirdieClient, LossPostBody, LossPoster
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    on_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    ddp = init_distributed("cuda" if on_cuda else "cpu")
+    device = resolve_device(config.device, ddp.local_rank)
+    client = BirdieClient(config.server_url)
+
+    # 1. The run.
+    if config.create_run:
+        if ddp.is_main:
+            client.create_run(config.run_config())
+        if ddp.enabled:
+            dist.barrier()
+    info = client.run(config.run)
+    names = [o.name for o in info.objectives]
+    total_steps = config.steps or int(info.config["total_steps"])
+    eval_steps = set(info.eval_steps) if config.evaluate else set()
+
+    # 2. Model, optimiser, schedule; restored from a checkpoint when resuming.
+    torch.manual_seed(config.init_seed)
+    model = build_model(config.model, **config.model_fields(info.vocab_size)).to(device)
+    optimizer, scheduler = make_optimizer(model, config, total_steps, device)
+    start_step = 0
+    resume_path = latest_checkpoint(config.checkpoint_dir) if config.resume == "auto" else config.resume
+    if resume_path:
+        state = load_checkpoint(resume_path, device)
+        for key, want in (("run", config.run), ("world_size", ddp.world_size), ("model_name", config.model)):
+            if state[key] != want:
+                raise ValueError(f"{resume_path}: checkpoint {key} is {state[key]!r}, this job's is {want!r} "
+                                 "(batches are addressed by run, rank and world size)")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        start_step = int(state["step"])
+        log.info("resumed from %s at step %d", resume_path, start_step)
+    train_model: nn.Module = model
+    if config.compile:
+        train_model = torch.compile(train_model)
+    if ddp.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    metrics = MetricsWriter(config.metrics_file if ddp.is_main else None)
+    poster = LossPoster(client)
+    batches = BatchIterator(client, config.run, ddp.rank, ddp.world_size, start_step, config.prefetch, end_step=total_steps)
+    validation_cache: list | None = None
+    history: list[dict[str, Any]] = []
+    validations: list[dict[str, Any]] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.run}", dynamic_ncols=True,
+               disable=not (config.progress and ddp.is_main), file=sys.stderr)
+    flops_per_token = model.flops_per_token(int(info.config["seq_len"]))
+    started = time.perf_counter()
+    step_started = time.perf_counter()
+    last_checkpoint = None
+    try:
+        for step, wire in batches:
+            waited = time.perf_counter() - step_started
+            batch = batch_tensors(wire.arrays, device)
+            labels = batch["label_ids"]
+            batch_names = wire.objectives
+            if batch_names != names:
+                raise ValueError(f"step {step}: the batch names configurations {batch_names[:3]}... but the run has {names[:3]}...")
+
+            # 4. One step. Loss = sum over every rank's labelled tokens / their total count: DDP
+            # averages gradients over ranks, hence the factor world_size.
+            local_tokens = (labels != IGNORE_INDEX).sum()
+            global_tokens = local_tokens.double()
+            if ddp.enabled:
+                dist.all_reduce(global_tokens)
+            losses = token_losses(forward_logits(train_model, batch), labels)
+            loss = losses.sum() * (ddp.world_size / global_tokens.clamp_min(1.0))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
+            )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+
+            # This rank's per-configuration losses go to the server; all ranks' to the metrics.
+            sums, counts = per_objective_sums(losses.detach(), labels, batch["objective_ids"], len(names))
+            stats = torch.cat([sums, counts])
+            local = stats.tolist()
+            if ddp.enabled:
+                dist.all_reduce(stats)
+            post = {names[i]: (local[i] / local[len(names) + i], int(local[len(names) + i]))
+                    for i in range(len(names)) if local[len(names) + i] > 0}
+            if not all(math.isfinite(mean) for mean, _ in post.values()):
+                raise FloatingPointError(f"step {step}: the loss is not finite; lower the lr or check the data")
+            poster.post(LossPostBody(
+                run=config.run, step=step, rank=ddp.rank, world_size=ddp.world_size, split="train",
+                losses={n: m for n, (m, _) in post.items()}, tokens={n: c for n, (_, c) in post.items()},
+            ))
+            totals = stats.tolist()
+            total_loss, total_count = sum(totals[: len(names)]), sum(totals[len(names):])
+            step_seconds = time.perf_counter() - step_started
+            tokens = wire.shape[0] * wire.shape[1] * ddp.world_size
+            record = {
+                "step": step,
+                "loss": total_loss / max(total_count, 1.0),
+                "losses": {names[i]: totals[i] / totals[len(names) + i] for i in range(len(names)) if totals[len(names) + i] > 0},
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": tokens / step_seconds,
+                "data_wait": waited / step_seconds,
+                "step_seconds": step_seconds,
+                "mixture_version": wire.header.get("mixture_version"),
+                "batch": batch_digest(wire.arrays["input_ids"]),
+            }
+            history.append(record)
+            metrics.write({"kind": "train", **record})
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            wait=f"{record['data_wait']:.0%}", mix=record["mixture_version"])
+
+            # 5. Evaluation after step + 1 steps.
+            done = step + 1
+            if done in eval_steps:
+                if validation_cache is None:
+                    share = names[ddp.rank :: ddp.world_size] or [names[ddp.rank % len(names)]]
+                    n_batches = int(info.config.get("validation_batches", 1))
+                    validation_cache = fetch_validation_batches(client, config.run, share, n_batches)
+                scores = score_batches(model, validation_cache, device, config.validation_rows)
+                poster.post(LossPostBody(
+                    run=config.run, step=done, rank=ddp.rank, world_size=ddp.world_size, split="validation",
+                    losses={n: s.loss for n, s in scores.items()}, tokens={n: s.tokens for n, s in scores.items()},
+                ))
+                validation = {"step": done, "rank": ddp.rank, "losses": {n: s.loss for n, s in scores.items()},
+                              "accuracy": {n: s.accuracy for n, s in scores.items()}}
+                validations.append(validation)
+                metrics.write({"kind": "validation", **validation})
+
+            # 6. Checkpoints (rank 0 writes; every rank holds the same state).
+            if config.checkpoint_dir and ddp.is_main and (
+                done == total_steps or (config.checkpoint_interval and done % config.checkpoint_interval == 0)
+            ):
+                last_checkpoint = save_checkpoint(
+                    checkpoint_path(config.checkpoint_dir, done), model=model, model_name=config.model,
+                    optimizer=optimizer, scheduler=scheduler, step=done, config=config, world_size=ddp.world_size,
+                )
+            step_started = time.perf_counter()
+    finally:
+        bar.close()
+        batches.close()
+        undelivered = poster.close(timeout=120)
+        metrics.close()
+        client.close()
+    if undelivered:
+        log.error("%d loss posts were not delivered (server unreachable?)", len(undelivered))
+    for failed in poster.failed:
+        log.error("loss post rejected: %s", failed.error)
+    return TrainResult(
+        run=config.run, start_step=start_step, end_step=start_step + len(history), model=model, history=history,
+        validations=validations, num_params=model.num_params(), flops_per_token=flops_per_token,
+        seconds=time.perf_counter() - started, checkpoint=last_checkpoint,
+        failed_posts=len(poster.failed) + len(undelivered),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    from clients import BirdieError
+
+    try:
+        result = train(config)
+    except (ValueError, BirdieError) as error:
+        print(f"birdie-train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {
+            "run": result.run, "steps": [result.start_step, result.end_step], "final_loss": result.final_loss,
+            "seconds": round(result.seconds, 2), "parameters": result.num_params,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None, "failed_posts": result.failed_posts,
+        }
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
