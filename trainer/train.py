@@ -86,6 +86,7 @@ class TrainConfig:
     validation_batches: int = 1  # per configuration, kept by the server (all are scored)
     validation_rows: int | None = None  # score only the first rows of each (cheaper on a CPU)
     steps: int | None = None  # training steps; None: the run's total_steps
+    stop_step: int | None = None  # end this session after this step (the schedule still spans `steps`)
     # optimisation
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
@@ -122,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"invalid config values: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.stop_step is not None and self.stop_step < 1:
+            raise ValueError(f"stop_step must be >= 1, got {self.stop_step}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.create_run and self.steps is None:
@@ -458,6 +461,7 @@ def train(config: TrainConfig) -> TrainResult:
     info = client.run(config.run)
     names = [o.name for o in info.objectives]
     total_steps = config.steps or int(info.config["total_steps"])
+    end_step = min(total_steps, config.stop_step or total_steps)
     eval_steps = set(info.eval_steps) if config.evaluate else set()
 
     # 2. Model, optimiser, schedule; restored from a checkpoint when resuming.
@@ -479,6 +483,8 @@ def train(config: TrainConfig) -> TrainResult:
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         start_step = int(state["step"])
+        if start_step > end_step:
+            raise ValueError(f"{resume_path} is at step {start_step}, past this session's end (step {end_step})")
         log.info("resumed from %s at step %d", resume_path, start_step)
     train_model: nn.Module = model
     if config.compile:
@@ -490,7 +496,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     metrics = MetricsWriter(config.metrics_file if ddp.is_main else None)
     poster = LossPoster(client)
-    batches = BatchIterator(client, config.run, ddp.rank, ddp.world_size, start_step, config.prefetch, end_step=total_steps)
+    batches = BatchIterator(client, config.run, ddp.rank, ddp.world_size, start_step, config.prefetch, end_step=end_step)
     validation_cache: list | None = None
     history: list[dict[str, Any]] = []
     validations: list[dict[str, Any]] = []
@@ -583,7 +589,7 @@ def train(config: TrainConfig) -> TrainResult:
 
             # 6. Checkpoints (rank 0 writes; every rank holds the same state).
             if config.checkpoint_dir and ddp.is_main and (
-                done == total_steps or (config.checkpoint_interval and done % config.checkpoint_interval == 0)
+                done == end_step or (config.checkpoint_interval and done % config.checkpoint_interval == 0)
             ):
                 last_checkpoint = save_checkpoint(
                     checkpoint_path(config.checkpoint_dir, done), model=model, model_name=config.model,

@@ -1,0 +1,204 @@
+"""birdie-train against a live objective server (`birdie-server serve` in a subprocess): the loss
+falls, losses reach the server, a resumed run continues with identical batches and state; and
+the config, optimiser groups, schedule and checkpoints on their own."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from clients import BirdieClient
+from trainer.main_job import LocalServer
+from trainer.models import build_model
+from trainer.train import (
+    TrainConfig,
+    config_from_mapping,
+    decays,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    lr_factor,
+    parameter_groups,
+    parse_args,
+    train,
+)
+
+ARMS = [
+    {"objective": "copying.len8", "probability": 1.0},
+    {"objective": "next_token.len63", "probability": 1.0},
+    {"objective": "selective_copying.spans1.after.span4to8.len48", "probability": 1.0},
+]
+TINY = dict(model="hawk", d_model=32, n_layers=2, bidirectional=True, threads=1, progress=False, prefetch=2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LocalServer(tmp_path_factory.mktemp("server") / "server.log") as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with BirdieClient(server.url) as c:
+        yield c
+
+
+def create_run(client: BirdieClient, name: str, total_steps: int, eval_steps: list[int], policy: str = "fixed") -> None:
+    client.create_run({
+        "name": name, "arms": ARMS, "seq_len": 64, "batch_size": 4, "seed": 3, "total_steps": total_steps,
+        "eval_steps": eval_steps, "policy": {"name": policy},
+    })
+
+
+def counter(metrics_text: str, name: str, **labels: str) -> float:
+    """A Prometheus counter's value (0 when the series does not exist yet)."""
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    match = re.search(rf"^{name}\{{{re.escape(label_text)}\}} (\S+)$", metrics_text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_loss_falls_and_losses_reach_the_server(server, client, tmp_path):
+    create_run(client, "falls", total_steps=30, eval_steps=[5, 30])
+    config = TrainConfig(**TINY, server_url=server.url, run="falls", lr=1e-2, warmup_steps=3,
+                         metrics_file=str(tmp_path / "metrics.jsonl"))
+    result = train(config)
+
+    losses = [r["loss"] for r in result.history]
+    assert [r["step"] for r in result.history] == list(range(30))
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
+    assert result.failed_posts == 0
+    # Every step's training post and both evaluations' validation posts were counted once.
+    text = client.metrics()
+    assert counter(text, "birdie_loss_posts_total", run="falls", split="train", status="accepted") == 30
+    assert counter(text, "birdie_loss_posts_total", run="falls", split="validation", status="accepted") == 2
+    # The server's aggregate of the last evaluation is the trainer's own validation loss.
+    mixture = client.mixture("falls")
+    last = result.validations[-1]
+    assert last["step"] == 30 and set(last["losses"]) == {a["objective"] for a in ARMS}
+    assert mixture.last_losses == pytest.approx(last["losses"], rel=1e-9)
+    # Validation losses fell between the two evaluations.
+    first = result.validations[0]["losses"]
+    assert sum(last["losses"].values()) < sum(first.values())
+    # The metrics file has one train record per step and one per evaluation.
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 32
+    assert all(0.0 <= r["data_wait"] <= 1.0 and r["tokens_per_s"] > 0 for r in result.history)
+    assert set(result.history[0]["losses"]) <= {a["objective"] for a in ARMS}
+
+
+def test_resume_continues_with_identical_batches_and_state(server, client, tmp_path):
+    create_run(client, "resume", total_steps=6, eval_steps=[2, 4])
+    base = dict(**TINY, server_url=server.url, run="resume", lr=5e-3, warmup_steps=2)
+    straight = train(TrainConfig(**base, checkpoint_dir=str(tmp_path / "straight")))
+
+    first_half = train(TrainConfig(**base, checkpoint_dir=str(tmp_path / "split"), stop_step=3))
+    assert first_half.end_step == 3
+    assert latest_checkpoint(tmp_path / "split").name == "step_00000003.pt"
+    second_half = train(TrainConfig(**base, checkpoint_dir=str(tmp_path / "split"), resume="auto"))
+    assert second_half.start_step == 3 and second_half.end_step == 6
+
+    resumed_history = first_half.history + second_half.history
+    assert [r["batch"] for r in resumed_history] == [r["batch"] for r in straight.history]
+    assert [r["loss"] for r in resumed_history] == [r["loss"] for r in straight.history]
+    assert [r["lr"] for r in resumed_history] == [r["lr"] for r in straight.history]
+    for (name, a), b in zip(straight.model.state_dict().items(), second_half.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    # The checkpoints at the end agree too, optimiser moments included.
+    a = load_checkpoint(tmp_path / "straight" / "step_00000006.pt")
+    b = load_checkpoint(tmp_path / "split" / "step_00000006.pt")
+    assert a["step"] == b["step"] == 6
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(state_a["exp_avg"], state_b["exp_avg"])
+        assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    # The re-sent posts of the resumed half were duplicates, not double counts.
+    text = client.metrics()
+    assert counter(text, "birdie_loss_posts_total", run="resume", split="train", status="accepted") == 6
+    model, saved = load_model(tmp_path / "split" / "step_00000006.pt")
+    assert saved["run"] == "resume" and saved["world_size"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), straight.model.parameters()))
+
+
+def test_resume_refuses_another_world_size(server, client, tmp_path):
+    create_run(client, "guard", total_steps=2, eval_steps=[2])
+    config = TrainConfig(**TINY, server_url=server.url, run="guard", checkpoint_dir=str(tmp_path), stop_step=1)
+    train(config)
+    path = latest_checkpoint(tmp_path)
+    state = load_checkpoint(path)
+    state["world_size"] = 2
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="world_size"):
+        train(TrainConfig(**TINY, server_url=server.url, run="guard", checkpoint_dir=str(tmp_path), resume="auto"))
+
+
+def test_create_run_from_the_config(server, client):
+    config = TrainConfig(**TINY, server_url=server.url, run="created", create_run=True, preset="ntp", seq_len=128,
+                         batch_size=2, policy="fixed", steps=2, eval_steps=[1])
+    result = train(config)
+    info = client.run("created")
+    assert info.config["seq_len"] == 128 and info.config["total_steps"] == 2 and info.eval_steps == [1]
+    assert result.end_step == 2 and len(result.validations) == 1
+
+
+def test_unknown_run_is_a_clear_error(server):
+    from clients import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        train(TrainConfig(**TINY, server_url=server.url, run="no-such-run"))
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def test_config_from_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: gated_ssm\nd_model: 64\nlr: 0.001\neval_steps: [10, 50]\nmodel_options: {state_width: 32}\n")
+    config = parse_args(["--config", str(path), "--lr", "0.02", "--no-bidirectional", "--steps", "7", "--resume", "none"])
+    assert config.model == "gated_ssm" and config.d_model == 64
+    assert config.lr == 0.02 and config.bidirectional is False and config.steps == 7 and config.resume is None
+    assert config.eval_steps == [10, 50] and config.model_options == {"state_width": 32}
+    assert parse_args(["--eval-steps", "[1, 2]"]).eval_steps == [1, 2]
+
+
+def test_config_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--lr", "fast"])
+    assert "--lr: expected float" in capsys.readouterr().err
+    path = tmp_path / "bad.yaml"
+    path.write_text("learning_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(path)])
+    assert "unknown config key(s) ['learning_rate']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="creating a run needs steps"):
+        TrainConfig(create_run=True)
+    with pytest.raises(ValueError, match="lr"):
+        config_from_mapping({"lr": -1.0})
+    with pytest.raises(ValueError, match="no checkpoint file"):
+        TrainConfig(resume=str(tmp_path / "missing.pt"))
+
+
+# --- optimiser and schedule ----------------------------------------------------------------------
+
+
+def test_no_weight_decay_on_gates_rglru_norms_and_biases():
+    model = build_model("hawk", vocab_size=64, d_model=16, n_layers=2, bidirectional=True)
+    names = {name for name, p in model.named_parameters() if not decays(name, p)}
+    assert "blocks.0.mixer.rg_lru.decay" in names  # Lambda
+    assert "blocks.0.mixer.rg_lru.gates.weight" in names and "blocks.0.mixer.rg_lru.gates.bias" in names
+    assert "blocks.0.mixer_norm.weight" in names and "blocks.0.mixer.conv.bias" in names
+    decayed = {name for name, p in model.named_parameters() if decays(name, p)}
+    assert {"embed.weight", "blocks.0.mixer.in_proj.weight", "blocks.0.mlp.down.weight"} <= decayed
+    groups = parameter_groups(model, 0.1)
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():
+    factors = [lr_factor(s, warmup_steps=4, total_steps=20, min_ratio=0.1) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0)
+    assert factors[12] == pytest.approx(0.55)  # halfway through the cosine
+    assert factors[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
