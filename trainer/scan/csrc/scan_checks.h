@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace birdie_scan {
 
 inline void check_states_like(const at::Tensor& t, const at::Tensor& a, const char* name) {
@@ -26,7 +28,7 @@ inline void check_gate_and_value_types(const at::Tensor& a, const at::Tensor& x)
   }
 }
 
-inline void check_initial_state(const c10::optional<at::Tensor>& h0, const at::Tensor& a) {
+inline void check_initial_state(const std::optional<at::Tensor>& h0, const at::Tensor& a) {
   if (!h0.has_value()) return;
   TORCH_CHECK(h0->dim() == 2 && h0->size(0) == a.size(0) && h0->size(1) == a.size(2),
               "initial state must be (B, D) = (", a.size(0), ", ", a.size(2), "), got ",
@@ -39,7 +41,7 @@ inline void check_initial_state(const c10::optional<at::Tensor>& h0, const at::T
 }
 
 inline void check_forward(const at::Tensor& a, const at::Tensor& x,
-                          const c10::optional<at::Tensor>& h0, int64_t split) {
+                          const std::optional<at::Tensor>& h0, int64_t split) {
   TORCH_CHECK(a.dim() == 3, "a must be (B, T, D), got ", a.sizes());
   TORCH_CHECK(a.size(2) <= 1 || a.stride(2) == 1, "a needs unit stride along D");
   check_states_like(x, a, "x");
@@ -49,7 +51,7 @@ inline void check_forward(const at::Tensor& a, const at::Tensor& x,
 }
 
 inline void check_backward(const at::Tensor& a, const at::Tensor& h, const at::Tensor& dh,
-                           const c10::optional<at::Tensor>& h0, int64_t split) {
+                           const std::optional<at::Tensor>& h0, int64_t split) {
   check_forward(a, h, h0, split);
   check_states_like(dh, a, "grad_h");
   TORCH_CHECK(dh.scalar_type() == h.scalar_type(), "grad_h must have the states' dtype ",

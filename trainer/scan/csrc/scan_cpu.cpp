@@ -110,7 +110,7 @@ inline void gate_grad_step(const G* __restrict__ grad, const P* __restrict__ pre
 }
 
 template <typename G, typename X>
-void forward_impl(const at::Tensor& a, const at::Tensor& x, const c10::optional<at::Tensor>& h0,
+void forward_impl(const at::Tensor& a, const at::Tensor& x, const std::optional<at::Tensor>& h0,
                   at::Tensor& h, int64_t split) {
   const int64_t B = a.size(0), T = a.size(1), D = a.size(2);
   const G* a_ptr = a.data_ptr<G>();
@@ -141,7 +141,7 @@ void forward_impl(const at::Tensor& a, const at::Tensor& x, const c10::optional<
 // channel; mirrored for a right-to-left one. `u` walks in the backward direction.
 template <typename G, typename X>
 void backward_impl(const at::Tensor& a, const at::Tensor& h, const at::Tensor& dh,
-                   const c10::optional<at::Tensor>& h0, at::Tensor& da, at::Tensor& dx,
+                   const std::optional<at::Tensor>& h0, at::Tensor& da, at::Tensor& dx,
                    at::Tensor& dh0, int64_t split) {
   const int64_t B = a.size(0), T = a.size(1), D = a.size(2);
   const G* a_ptr = a.data_ptr<G>();
@@ -206,7 +206,7 @@ void backward_impl(const at::Tensor& a, const at::Tensor& h, const at::Tensor& d
   }
 
 at::Tensor linear_scan_forward(const at::Tensor& a, const at::Tensor& x,
-                               const c10::optional<at::Tensor>& h0, int64_t split) {
+                               const std::optional<at::Tensor>& h0, int64_t split) {
   birdie_scan::check_forward(a, x, h0, split);
   TORCH_CHECK(a.device().is_cpu(), "the CPU backend needs CPU tensors, got ", a.device());
   at::Tensor h = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -217,7 +217,7 @@ at::Tensor linear_scan_forward(const at::Tensor& a, const at::Tensor& x,
 
 std::vector<at::Tensor> linear_scan_backward(const at::Tensor& a, const at::Tensor& h,
                                              const at::Tensor& dh,
-                                             const c10::optional<at::Tensor>& h0,
+                                             const std::optional<at::Tensor>& h0,
                                              int64_t split) {
   birdie_scan::check_backward(a, h, dh, h0, split);
   TORCH_CHECK(a.device().is_cpu(), "the CPU backend needs CPU tensors, got ", a.device());

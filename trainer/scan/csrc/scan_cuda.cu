@@ -47,7 +47,7 @@ void check_launch(cudaError_t status, const char* what) {
 }
 
 template <typename G, typename X>
-void forward_typed(const at::Tensor& a, const at::Tensor& x, const c10::optional<at::Tensor>& h0,
+void forward_typed(const at::Tensor& a, const at::Tensor& x, const std::optional<at::Tensor>& h0,
                    at::Tensor& h, int64_t split, birdie_scan::Tile requested) {
   using DG = typename DeviceType<G>::type;
   using DX = typename DeviceType<X>::type;
@@ -76,7 +76,7 @@ void forward_typed(const at::Tensor& a, const at::Tensor& x, const c10::optional
 
 template <typename G, typename X>
 void backward_typed(const at::Tensor& a, const at::Tensor& h, const at::Tensor& dh,
-                    const c10::optional<at::Tensor>& h0, at::Tensor& da, at::Tensor& dx,
+                    const std::optional<at::Tensor>& h0, at::Tensor& da, at::Tensor& dx,
                     at::Tensor& dh0, int64_t split, birdie_scan::Tile requested) {
   using DG = typename DeviceType<G>::type;
   using DX = typename DeviceType<X>::type;
@@ -134,7 +134,7 @@ void backward_typed(const at::Tensor& a, const at::Tensor& h, const at::Tensor& 
 }  // namespace
 
 at::Tensor linear_scan_forward_cuda(const at::Tensor& a, const at::Tensor& x,
-                                    const c10::optional<at::Tensor>& h0, int64_t split,
+                                    const std::optional<at::Tensor>& h0, int64_t split,
                                     int64_t vec, int64_t warps) {
   birdie_scan::check_forward(a, x, h0, split);
   TORCH_CHECK(a.is_cuda(), "the CUDA backend needs CUDA tensors, got ", a.device());
@@ -148,7 +148,7 @@ at::Tensor linear_scan_forward_cuda(const at::Tensor& a, const at::Tensor& x,
 
 std::vector<at::Tensor> linear_scan_backward_cuda(const at::Tensor& a, const at::Tensor& h,
                                                   const at::Tensor& dh,
-                                                  const c10::optional<at::Tensor>& h0,
+                                                  const std::optional<at::Tensor>& h0,
                                                   int64_t split, int64_t vec, int64_t warps) {
   birdie_scan::check_backward(a, h, dh, h0, split);
   TORCH_CHECK(a.is_cuda(), "the CUDA backend needs CUDA tensors, got ", a.device());

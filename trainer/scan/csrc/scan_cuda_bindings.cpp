@@ -3,15 +3,16 @@
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <optional>
 #include <vector>
 
 at::Tensor linear_scan_forward_cuda(const at::Tensor& a, const at::Tensor& x,
-                                    const c10::optional<at::Tensor>& h0, int64_t split,
+                                    const std::optional<at::Tensor>& h0, int64_t split,
                                     int64_t vec, int64_t warps);
 
 std::vector<at::Tensor> linear_scan_backward_cuda(const at::Tensor& a, const at::Tensor& h,
                                                   const at::Tensor& dh,
-                                                  const c10::optional<at::Tensor>& h0,
+                                                  const std::optional<at::Tensor>& h0,
                                                   int64_t split, int64_t vec, int64_t warps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
