@@ -377,6 +377,30 @@ def test_fallback_to_reference_warns_once_when_the_build_fails(monkeypatch):
     assert rel_err(h, h_ref) < 1e-6
 
 
+@pytest.mark.parametrize("cuda_version, cuda_home, message", [
+    (None, "/usr/local/cuda", "not a CUDA build"),
+    ("12.4", None, "nvcc was not found"),
+])
+def test_cuda_backend_explains_why_it_cannot_be_built(monkeypatch, cuda_version, cuda_home, message):
+    import torch.utils.cpp_extension as cpp_extension
+
+    attempts = []
+    monkeypatch.setattr(extension, "_loaded", {})
+    monkeypatch.setattr(extension, "_failures", {})
+    monkeypatch.setattr(extension, "_prebuilt", lambda module: None)
+    monkeypatch.setattr(extension, "_jit_build", lambda *args, **kwargs: attempts.append(args))
+    monkeypatch.setattr(torch.version, "cuda", cuda_version)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
+    with pytest.raises(RuntimeError, match=f"CUDA linear_scan backend is unavailable: .*{message}"):
+        extension.cuda_backend()
+    # the failure is remembered: no 30-second build attempt on every later call
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    with pytest.raises(RuntimeError, match=message):
+        extension.cuda_backend()
+    assert attempts == []
+
+
 def test_jit_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert extension.build_root().parent == tmp_path
