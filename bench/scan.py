@@ -225,7 +225,7 @@ def bench_associative_scan(a, x, dh, dtype, device, budget_s, with_backward, wan
             except Exception as exc:  # report, do not stop the benchmark
                 note += f"; backward failed: {type(exc).__name__}: {str(exc)[:80]}"
         else:
-            note += "; backward skipped (--assoc-backward to time it)"
+            note += "; backward skipped (--no-assoc-backward)"
         return [Record("torch associative_scan", "forward", dtype, batch, length, width, *numbers,
                        rel_err=err, note=note)]
     except Exception as exc:
@@ -337,8 +337,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="CUDA: time every kernel tile")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                         help="which implementations to time (default: all that apply)")
-    parser.add_argument("--assoc-backward", action="store_true",
-                        help="also time associative_scan forward+backward (seconds per call)")
+    parser.add_argument("--no-assoc-backward", dest="assoc_backward", action="store_false",
+                        help="skip associative_scan forward+backward (reported at ~1 s per call)")
     parser.add_argument("--threads", type=int, help="CPU: torch intra-op threads")
     parser.add_argument("--json", type=Path, help="append one JSON record per measurement")
     parser.add_argument("--accelerated-scan-child", action="store_true", help=argparse.SUPPRESS)
