@@ -294,7 +294,7 @@ def finetune_phone_book(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"phone-book fine-tune loss is {losses[-1]} at step {step}")
         bar.update(1)

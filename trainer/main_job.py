@@ -76,7 +76,8 @@ class LocalServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the objective server exited with status {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=2.0).status_code == 200:
+                # Still ours: a server that failed to bind must not pass for one that answers there.
+                if httpx.get(self.url + "/healthz", timeout=2.0).status_code == 200 and self.process.poll() is None:
                     return self
             except httpx.TransportError:
                 pass
@@ -178,7 +179,7 @@ def run_job(args: argparse.Namespace) -> tuple[Path, Path]:
     try:
         config = TrainConfig(
             model="hawk", d_model=args.d_model, n_layers=args.n_layers, bidirectional=True, init_seed=args.seed,
-            server_url=url, run=args.name, create_run=True, preset="birdie", seq_len=args.seq_len,
+            server_url=url, run_name=args.name, create_run=True, preset="birdie", seq_len=args.seq_len,
             batch_size=args.batch_size, run_seed=args.seed, policy=args.policy or default_policy(),
             eval_steps=evaluation_steps(args.steps, args.evaluations), validation_rows=args.validation_rows,
             steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 20),

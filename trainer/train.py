@@ -1,8 +1,8 @@
 """birdie-train: train a model on batches from the Birdie objective server.
 
-    birdie-train --run demo --create-run --preset birdie --seq-len 256 --steps 300 --model hawk
+    birdie-train --run-name demo --create-run --preset birdie --seq-len 256 --steps 300 --model hawk
     birdie-train --config run.yaml --lr 1e-3                     # YAML, then flags override
-    torchrun --nproc_per_node 2 -m trainer.train --run demo      # DDP: each rank asks for its batches
+    torchrun --nproc_per_node 2 -m trainer.train --run-name demo # DDP: each rank asks for its batches
 
 One loop, top to bottom:
 1. The run: created from the config when asked (POST /runs; the same config again is a no-op), then
@@ -75,7 +75,7 @@ class TrainConfig:
     init_seed: int = 0  # model initialisation
     # the server and the run
     server_url: str | None = None  # None: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000
-    run: str = "birdie"
+    run_name: str = "birdie"  # the run to train on (flag --run-name; plain --run is ambiguous under torchrun)
     create_run: bool = False  # POST /runs with the fields below (and total_steps = steps) first
     preset: str = "birdie"
     seq_len: int = 512
@@ -137,7 +137,7 @@ class TrainConfig:
     def run_config(self) -> dict[str, Any]:
         """The RunConfig mapping POST /runs receives when `create_run` is set."""
         config: dict[str, Any] = {
-            "name": self.run, "preset": self.preset, "seq_len": self.seq_len, "batch_size": self.batch_size,
+            "name": self.run_name, "preset": self.preset, "seq_len": self.seq_len, "batch_size": self.batch_size,
             "seed": self.run_seed, "policy": {"name": self.policy}, "total_steps": self.steps,
             "validation_batches": self.validation_batches,
         }
@@ -356,7 +356,7 @@ def save_checkpoint(
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
-        "run": config.run,
+        "run": config.run_name,
         "world_size": world_size,
         "model_name": model_name,
         "model_config": dataclasses.asdict(model.config),
@@ -458,7 +458,7 @@ def train(config: TrainConfig) -> TrainResult:
             client.create_run(config.run_config())
         if ddp.enabled:
             dist.barrier()
-    info = client.run(config.run)
+    info = client.run(config.run_name)
     names = [o.name for o in info.objectives]
     total_steps = config.steps or int(info.config["total_steps"])
     end_step = min(total_steps, config.stop_step or total_steps)
@@ -472,7 +472,7 @@ def train(config: TrainConfig) -> TrainResult:
     resume_path = latest_checkpoint(config.checkpoint_dir) if config.resume == "auto" else config.resume
     if resume_path:
         state = load_checkpoint(resume_path, device)
-        for key, want in (("run", config.run), ("world_size", ddp.world_size), ("model_name", config.model)):
+        for key, want in (("run", config.run_name), ("world_size", ddp.world_size), ("model_name", config.model)):
             if state[key] != want:
                 raise ValueError(f"{resume_path}: checkpoint {key} is {state[key]!r}, this job's is {want!r} "
                                  "(batches are addressed by run, rank and world size)")
@@ -496,13 +496,13 @@ def train(config: TrainConfig) -> TrainResult:
 
     metrics = MetricsWriter(config.metrics_file if ddp.is_main else None)
     poster = LossPoster(client)
-    batches = BatchIterator(client, config.run, ddp.rank, ddp.world_size, start_step, config.prefetch, end_step=end_step)
+    batches = BatchIterator(client, config.run_name, ddp.rank, ddp.world_size, start_step, config.prefetch, end_step=end_step)
     validation_cache: list | None = None
     history: list[dict[str, Any]] = []
     validations: list[dict[str, Any]] = []
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.run}", dynamic_ncols=True,
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.run_name}", dynamic_ncols=True,
                disable=not (config.progress and ddp.is_main), file=sys.stderr)
     flops_per_token = model.flops_per_token(int(info.config["seq_len"]))
     started = time.perf_counter()
@@ -545,7 +545,7 @@ def train(config: TrainConfig) -> TrainResult:
             if not all(math.isfinite(mean) for mean, _ in post.values()):
                 raise FloatingPointError(f"step {step}: the loss is not finite; lower the lr or check the data")
             poster.post(LossPostBody(
-                run=config.run, step=step, rank=ddp.rank, world_size=ddp.world_size, split="train",
+                run=config.run_name, step=step, rank=ddp.rank, world_size=ddp.world_size, split="train",
                 losses={n: m for n, (m, _) in post.items()}, tokens={n: c for n, (_, c) in post.items()},
             ))
             totals = stats.tolist()
@@ -576,10 +576,10 @@ def train(config: TrainConfig) -> TrainResult:
                 if validation_cache is None:
                     share = names[ddp.rank :: ddp.world_size] or [names[ddp.rank % len(names)]]
                     n_batches = int(info.config.get("validation_batches", 1))
-                    validation_cache = fetch_validation_batches(client, config.run, share, n_batches)
+                    validation_cache = fetch_validation_batches(client, config.run_name, share, n_batches)
                 scores = score_batches(model, validation_cache, device, config.validation_rows)
                 poster.post(LossPostBody(
-                    run=config.run, step=done, rank=ddp.rank, world_size=ddp.world_size, split="validation",
+                    run=config.run_name, step=done, rank=ddp.rank, world_size=ddp.world_size, split="validation",
                     losses={n: s.loss for n, s in scores.items()}, tokens={n: s.tokens for n, s in scores.items()},
                 ))
                 validation = {"step": done, "rank": ddp.rank, "losses": {n: s.loss for n, s in scores.items()},
@@ -607,7 +607,7 @@ def train(config: TrainConfig) -> TrainResult:
     for failed in poster.failed:
         log.error("loss post rejected: %s", failed.error)
     return TrainResult(
-        run=config.run, start_step=start_step, end_step=start_step + len(history), model=model, history=history,
+        run=config.run_name, start_step=start_step, end_step=start_step + len(history), model=model, history=history,
         validations=validations, num_params=model.num_params(), flops_per_token=flops_per_token,
         seconds=time.perf_counter() - started, checkpoint=last_checkpoint,
         failed_posts=len(poster.failed) + len(undelivered),

@@ -61,7 +61,7 @@ def counter(metrics_text: str, name: str, **labels: str) -> float:
 
 def test_loss_falls_and_losses_reach_the_server(server, client, tmp_path):
     create_run(client, "falls", total_steps=30, eval_steps=[5, 30])
-    config = TrainConfig(**TINY, server_url=server.url, run="falls", lr=1e-2, warmup_steps=3,
+    config = TrainConfig(**TINY, server_url=server.url, run_name="falls", lr=1e-2, warmup_steps=3,
                          metrics_file=str(tmp_path / "metrics.jsonl"))
     result = train(config)
 
@@ -90,7 +90,7 @@ def test_loss_falls_and_losses_reach_the_server(server, client, tmp_path):
 
 def test_resume_continues_with_identical_batches_and_state(server, client, tmp_path):
     create_run(client, "resume", total_steps=6, eval_steps=[2, 4])
-    base = dict(**TINY, server_url=server.url, run="resume", lr=5e-3, warmup_steps=2)
+    base = dict(**TINY, server_url=server.url, run_name="resume", lr=5e-3, warmup_steps=2)
     straight = train(TrainConfig(**base, checkpoint_dir=str(tmp_path / "straight")))
 
     first_half = train(TrainConfig(**base, checkpoint_dir=str(tmp_path / "split"), stop_step=3))
@@ -123,18 +123,18 @@ def test_resume_continues_with_identical_batches_and_state(server, client, tmp_p
 
 def test_resume_refuses_another_world_size(server, client, tmp_path):
     create_run(client, "guard", total_steps=2, eval_steps=[2])
-    config = TrainConfig(**TINY, server_url=server.url, run="guard", checkpoint_dir=str(tmp_path), stop_step=1)
+    config = TrainConfig(**TINY, server_url=server.url, run_name="guard", checkpoint_dir=str(tmp_path), stop_step=1)
     train(config)
     path = latest_checkpoint(tmp_path)
     state = load_checkpoint(path)
     state["world_size"] = 2
     torch.save(state, path)
     with pytest.raises(ValueError, match="world_size"):
-        train(TrainConfig(**TINY, server_url=server.url, run="guard", checkpoint_dir=str(tmp_path), resume="auto"))
+        train(TrainConfig(**TINY, server_url=server.url, run_name="guard", checkpoint_dir=str(tmp_path), resume="auto"))
 
 
 def test_create_run_from_the_config(server, client):
-    config = TrainConfig(**TINY, server_url=server.url, run="created", create_run=True, preset="ntp", seq_len=128,
+    config = TrainConfig(**TINY, server_url=server.url, run_name="created", create_run=True, preset="ntp", seq_len=128,
                          batch_size=2, policy="fixed", steps=2, eval_steps=[1])
     result = train(config)
     info = client.run("created")
@@ -146,7 +146,7 @@ def test_unknown_run_is_a_clear_error(server):
     from clients import NotFoundError
 
     with pytest.raises(NotFoundError):
-        train(TrainConfig(**TINY, server_url=server.url, run="no-such-run"))
+        train(TrainConfig(**TINY, server_url=server.url, run_name="no-such-run"))
 
 
 # --- config ------------------------------------------------------------------------------------
