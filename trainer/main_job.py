@@ -128,6 +128,10 @@ def evaluation_steps(total_steps: int, count: int) -> list[int]:
     return steps
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.main_job", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="demo", help="run name; the report goes to OUT/NAME (default demo)")
@@ -143,6 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation-rows", type=int, default=2,
                         help="rows of each validation batch scored (of batch-size; fewer is faster on a CPU)")
     parser.add_argument("--finetune-steps", type=int, default=30, help="phone-book fine-tune steps (0: none)")
+    parser.add_argument("--finetune-numbers", default="1,2,4", help="question sizes of the fine-tune's phone books")
     parser.add_argument("--phone-book-numbers", default="1,2,4", help="question sizes of the phone-book lookup")
     parser.add_argument("--phone-book-entries", type=int, default=6, help="entries per phone book")
     parser.add_argument("--phone-book-examples", type=int, default=6, help="books per question size")
@@ -193,9 +198,9 @@ def run_job(args: argparse.Namespace) -> tuple[Path, Path]:
               f"{result.history[0]['loss']:.3f} -> {result.final_loss:.3f}", file=sys.stderr)
         options = EvaluationOptions(
             validation_rows=args.validation_rows,
-            phone_book_numbers=tuple(int(n) for n in args.phone_book_numbers.split(",") if n.strip()),
-            phone_book_entries=args.phone_book_entries, phone_book_examples=args.phone_book_examples,
-            finetune_steps=args.finetune_steps, finetune_numbers=(1, 2, 4), seed=args.seed,
+            phone_book_numbers=int_list(args.phone_book_numbers), phone_book_entries=args.phone_book_entries,
+            phone_book_examples=args.phone_book_examples, finetune_steps=args.finetune_steps,
+            finetune_numbers=int_list(args.finetune_numbers), seed=args.seed,
         )
         with BirdieClient(url) as client:
             evaluation = evaluate_run(result.model, client, args.name, options)

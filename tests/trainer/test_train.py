@@ -4,6 +4,7 @@ the config, optimiser groups, schedule and checkpoints on their own."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -202,3 +203,61 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():
     assert factors[12] == pytest.approx(0.55)  # halfway through the cosine
     assert factors[20] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def test_report_json_and_png_from_a_run(server, client, tmp_path):
+    from trainer.report import build_report, write_report
+
+    create_run(client, "reported", total_steps=4, eval_steps=[2, 4])
+    config = TrainConfig(**TINY, server_url=server.url, run_name="reported")
+    result = train(config)
+    run = client.run("reported").model_dump()
+    history = client.mixture_history("reported").model_dump()
+    report = build_report(config=config, run=run, result=result, evaluation={"copying_accuracy": 0.5},
+                          mixture_history=history)
+    json_path, png_path = write_report(report, tmp_path / "out")
+
+    saved = json.loads(json_path.read_text())
+    assert saved["run"] == "reported" and saved["config"]["train"]["run_name"] == "reported"
+    assert saved["config"]["run"]["eval_steps"] == [2, 4]
+    assert [r["step"] for r in saved["losses"]["train"]] == [0, 1, 2, 3]
+    assert [v["step"] for v in saved["losses"]["validation"]] == [2, 4]
+    assert set(saved["losses"]["validation"][0]["family_losses"]) == {"copying", "next_token", "selective_copying"}
+    for entry in saved["mixture_history"]["families"]:
+        assert sum(entry["families"].values()) == pytest.approx(1.0)
+    assert saved["throughput"]["tokens_per_s"] > 0 and 0 <= saved["throughput"]["data_wait"] <= 1
+    assert saved["evaluation"] == {"copying_accuracy": 0.5}
+    png = png_path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+# --- the main job ----------------------------------------------------------------------------------
+
+
+def test_main_job_evaluation_schedule():
+    from trainer.main_job import evaluation_steps
+
+    assert evaluation_steps(240, 7) == [10, 17, 29, 49, 83, 141, 240]
+    assert evaluation_steps(5, 3) == [5]
+    steps = evaluation_steps(1000, 5)
+    assert steps[0] == 10 and steps[-1] == 1000 and steps == sorted(set(steps)) and len(steps) == 5
+
+
+def test_main_job_end_to_end(tmp_path, capsys):
+    from trainer.main_job import main as main_job
+
+    main_job(["--name", "tiny", "--out", str(tmp_path), "--steps", "12", "--seq-len", "128", "--batch-size", "2",
+              "--d-model", "32", "--n-layers", "2", "--evaluations", "2", "--validation-rows", "1",
+              "--finetune-steps", "2", "--finetune-numbers", "1", "--phone-book-numbers", "1", "--phone-book-entries", "2",
+              "--phone-book-examples", "1", "--threads", "1"])
+    assert f"report: {tmp_path / 'tiny' / 'report.json'}" in capsys.readouterr().out
+    report = json.loads((tmp_path / "tiny" / "report.json").read_text())
+    assert report["steps"]["end"] == 12 and report["config"]["run"]["preset"] == "birdie"
+    assert report["final_mixture"]["policy"] == report["config"]["train"]["policy"]
+    assert len(report["losses"]["validation"]) == 2 and len(report["evaluation"]["phone_book_finetuned"]) == 1
+    assert len(report["evaluation"]["validation"]["loss"]) == len(report["config"]["run"]["arms"])
+    assert (tmp_path / "tiny" / "report.png").stat().st_size > 10_000
+    assert (tmp_path / "tiny" / "checkpoints" / "step_00000012.pt").exists()
