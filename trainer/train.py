@@ -176,20 +176,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
 
 
 def _parse_value(field_type: Any, text: str) -> Any:
-    """A flag's text as the field's type; lists and mappings are YAML (e.g. `[10, 50]`)."""
+    """A flag's text as the field's type: numbers and strings as such, lists and mappings as YAML
+    (e.g. `[10, 50]`), `none` for an optional field's None."""
     import yaml
 
-    value = yaml.safe_load(text)
-    if text.strip().lower() in ("none", "null", "~"):
-        return None
-    origin = typing.get_origin(field_type)
-    args = [a for a in typing.get_args(field_type) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType):
-        return _parse_value(args[0], text)
-    if field_type is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"expected true or false, got {text!r}")
+    if typing.get_origin(field_type) in (typing.Union, types.UnionType):
+        if text.strip().lower() in ("none", "null", "~"):
+            return None
+        field_type = next(a for a in typing.get_args(field_type) if a is not type(None))
     if field_type is str:
         return text
     if field_type in (int, float):
@@ -197,7 +191,11 @@ def _parse_value(field_type: Any, text: str) -> Any:
             return field_type(text)
         except ValueError:
             raise ValueError(f"expected {field_type.__name__}, got {text!r}") from None
-    expected = origin or field_type
+    expected = typing.get_origin(field_type) or field_type
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
     if not isinstance(value, expected):
         raise ValueError(f"expected a YAML {expected.__name__}, got {text!r}")
     return value

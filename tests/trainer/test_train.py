@@ -161,12 +161,20 @@ def test_config_from_yaml_then_flags(tmp_path):
     assert config.lr == 0.02 and config.bidirectional is False and config.steps == 7 and config.resume is None
     assert config.eval_steps == [10, 50] and config.model_options == {"state_width": 32}
     assert parse_args(["--eval-steps", "[1, 2]"]).eval_steps == [1, 2]
+    assert parse_args(["--server-url", "http://h:1/{x"]).server_url == "http://h:1/{x"
+    assert parse_args(["--steps", "none"]).steps is None
 
 
 def test_config_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--lr", "fast"])
     assert "--lr: expected float" in capsys.readouterr().err
+    for flags, message in ((["--eval-steps", "[1, 2"], "--eval-steps: expected a YAML list"),
+                           (["--lr", "none"], "--lr: expected float"),
+                           (["--model-options", "[1]"], "--model-options: expected a YAML dict")):
+        with pytest.raises(SystemExit):
+            parse_args(flags)
+        assert message in capsys.readouterr().err
     path = tmp_path / "bad.yaml"
     path.write_text("learning_rate: 0.1\n")
     with pytest.raises(SystemExit):
