@@ -517,8 +517,7 @@ def train(config: TrainConfig) -> TrainResult:
 
             # 4. One step. Loss = sum over every rank's labelled tokens / their total count: DDP
             # averages gradients over ranks, hence the factor world_size.
-            local_tokens = (labels != IGNORE_INDEX).sum()
-            global_tokens = local_tokens.double()
+            global_tokens = (labels != IGNORE_INDEX).sum().double()
             if ddp.enabled:
                 dist.all_reduce(global_tokens)
             losses = token_losses(forward_logits(train_model, batch), labels)
@@ -528,26 +527,26 @@ def train(config: TrainConfig) -> TrainResult:
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
             )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-
-            # This rank's per-configuration losses go to the server; all ranks' to the metrics.
+            # Per-configuration sums and counts: this rank's go to the server, all ranks' to the
+            # metrics and to the check below (the same on every rank, so all stop together).
             sums, counts = per_objective_sums(losses.detach(), labels, batch["objective_ids"], len(names))
             stats = torch.cat([sums, counts])
             local = stats.tolist()
             if ddp.enabled:
                 dist.all_reduce(stats)
+            totals = stats.tolist()
+            total_loss, total_count = sum(totals[: len(names)]), sum(totals[len(names):])
+            if not math.isfinite(total_loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+                raise FloatingPointError(f"step {step}: the loss or the gradient is not finite; lower the lr or check the data")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
             post = {names[i]: (local[i] / local[len(names) + i], int(local[len(names) + i]))
                     for i in range(len(names)) if local[len(names) + i] > 0}
-            if not all(math.isfinite(mean) for mean, _ in post.values()):
-                raise FloatingPointError(f"step {step}: the loss is not finite; lower the lr or check the data")
             poster.post(LossPostBody(
                 run=config.run_name, step=step, rank=ddp.rank, world_size=ddp.world_size, split="train",
                 losses={n: m for n, (m, _) in post.items()}, tokens={n: c for n, (_, c) in post.items()},
             ))
-            totals = stats.tolist()
-            total_loss, total_count = sum(totals[: len(names)]), sum(totals[len(names):])
             step_seconds = time.perf_counter() - step_started
             tokens = wire.shape[0] * wire.shape[1] * ddp.world_size
             record = {
@@ -575,13 +574,15 @@ def train(config: TrainConfig) -> TrainResult:
                     share = names[ddp.rank :: ddp.world_size] or [names[ddp.rank % len(names)]]
                     n_batches = int(info.config.get("validation_batches", 1))
                     validation_cache = fetch_validation_batches(client, config.run_name, share, n_batches)
+                evaluation_started = time.perf_counter()
                 scores = score_batches(model, validation_cache, device, config.validation_rows)
                 poster.post(LossPostBody(
                     run=config.run_name, step=done, rank=ddp.rank, world_size=ddp.world_size, split="validation",
                     losses={n: s.loss for n, s in scores.items()}, tokens={n: s.tokens for n, s in scores.items()},
                 ))
                 validation = {"step": done, "rank": ddp.rank, "losses": {n: s.loss for n, s in scores.items()},
-                              "accuracy": {n: s.accuracy for n, s in scores.items()}}
+                              "accuracy": {n: s.accuracy for n, s in scores.items()},
+                              "seconds": time.perf_counter() - evaluation_started}
                 validations.append(validation)
                 metrics.write({"kind": "validation", **validation})
 
@@ -620,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         result = train(config)
-    except (ValueError, BirdieError) as error:
+    except (ValueError, FloatingPointError, BirdieError) as error:
         print(f"birdie-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
