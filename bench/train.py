@@ -8,7 +8,8 @@ batches come from an objective server on loopback.
 
 Part 1 times full training steps (forward, backward, AdamW) on one fixed packed batch (examples
 of 512 tokens, the first half prefix): `linear_scan` with its automatic backend (CUDA kernels
-on a GPU, the C++ backend on a CPU) against the op's pure-PyTorch sequential reference backend.
+on a GPU, the C++ backend on a CPU) against the op's pure-PyTorch sequential reference backend,
+taking turns step by step on one model; the median step time of each.
 MFU = model FLOPs per token (`flops_per_token`: matmuls, convs, scans; forward + backward) x
 tokens/s / peak; the peak is the GPU's dense bf16 peak from its name, or --peak-tflops.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import statistics
 import sys
@@ -93,7 +93,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(args, device: torch.device, backend: str, steps: int) -> dict:
+def time_steps(args, device: torch.device, plan: dict[str, int]) -> list[dict]:
+    """Median step time per scan backend; `plan` maps backend -> timed steps. One model and
+    optimiser for all of them, and the backends take turns step by step, so a busy machine's
+    load drift affects them alike."""
     torch.manual_seed(0)
     model = build_model("hawk", vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers,
                         bidirectional=True).to(device)
@@ -110,28 +113,35 @@ def time_steps(args, device: torch.device, backend: str, steps: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    times = []
-    with scan_backend(backend):
-        for i in range(args.warmup + steps):
-            synchronize(device)
-            started = time.perf_counter()
-            step()
-            synchronize(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - started)
-    seconds = statistics.median(times)
+    times: dict[str, list[float]] = {backend: [] for backend in plan}
+    memory: dict[str, float] = {}
+    for round_index in range(args.warmup + max(plan.values())):
+        for backend, steps in plan.items():
+            if round_index >= args.warmup + steps:
+                continue
+            with scan_backend(backend):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                synchronize(device)
+                started = time.perf_counter()
+                step()
+                synchronize(device)
+            if round_index >= args.warmup:
+                times[backend].append(time.perf_counter() - started)
+            if device.type == "cuda":
+                memory[backend] = torch.cuda.max_memory_allocated(device) / 2**30
+    records = []
     tokens = args.batch_size * args.seq_len
-    flops = model.flops_per_token(args.seq_len) * tokens / seconds
-    result = {
-        "part": "model", "scan": "ours" if backend == "auto" else backend, "parameters": model.num_params(),
-        "step_ms": 1000 * seconds, "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
-        "mfu": flops / (args.peak_tflops * 1e12) if args.peak_tflops else None, "steps": steps,
-    }
-    if device.type == "cuda":
-        result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.reset_peak_memory_stats(device)
-    del model, optimizer
-    return result
+    for backend, measured in times.items():
+        seconds = statistics.median(measured)
+        flops = model.flops_per_token(args.seq_len) * tokens / seconds
+        records.append({
+            "part": "model", "scan": "ours" if backend == "auto" else backend, "parameters": model.num_params(),
+            "step_ms": 1000 * seconds, "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
+            "mfu": flops / (args.peak_tflops * 1e12) if args.peak_tflops else None, "steps": len(measured),
+            **({"max_memory_gb": memory[backend]} if backend in memory else {}),
+        })
+    return records
 
 
 def server_steps(args, device: torch.device) -> dict:
@@ -194,9 +204,8 @@ def main() -> None:
           f"{args.d_model}, {args.n_layers} layers, vocab {args.vocab_size}, B = {args.batch_size}, L = {args.seq_len}; "
           f"peak {args.peak_tflops or 'unknown'} TFLOP/s")
 
-    records = [time_steps(args, device, "auto", args.steps)]
-    if args.reference_steps:
-        records.append(time_steps(args, device, "reference", args.reference_steps))
+    plan = {"auto": args.steps, **({"reference": args.reference_steps} if args.reference_steps else {})}
+    records = time_steps(args, device, plan)
     if args.server_steps:
         records.append(server_steps(args, device))
 
