@@ -44,14 +44,15 @@ class LocalServer:
     """`birdie-server serve` in a subprocess on a free loopback port, stopped on exit.
 
     The in-process store and the default corpus unless `env` says otherwise (BIRDIE_* settings);
-    BIRDIE_* variables of the caller's environment are not passed on, so a stray
-    BIRDIE_REDIS_URL cannot turn a local job into one against a shared store."""
+    BIRDIE_* variables of the caller's environment are not passed on (but BIRDIE_CACHE, where
+    the default corpus is kept), so a stray BIRDIE_REDIS_URL cannot turn a local job into one
+    against a shared store."""
 
     def __init__(self, log_path: str | Path, env: dict[str, str] | None = None, port: int | None = None,
                  start_timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
         self.log_path = Path(log_path)
         self.port = port or free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BIRDIE_")}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BIRDIE_") or k == "BIRDIE_CACHE"}
         self.env.update(env or {})
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen | None = None
