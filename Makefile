@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench clean
+.PHONY: setup run serve test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ setup: $(VENV)/.installed
 	  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 
 run: setup
+	$(BIN)/python -m trainer.main_job
+
+serve: setup
 	$(BIN)/birdie-server serve
 
 test: setup

@@ -236,7 +236,7 @@ def _open_corpus(path: str | None):
 @click.option("--runs", "run_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Run config file (YAML/TOML) to register; repeatable.  [env BIRDIE_RUN_FILES, comma-separated]")
 @click.option("--preset", "presets", multiple=True,
-              help="Register a shipped preset run (birdie, ul2, decoder-ul2, ntp); repeatable.  [env BIRDIE_PRESETS]")
+              help="Register a shipped preset run (birdie, ul2, decoder-ul2, ntp); repeatable.  [env BIRDIE_PRESETS; default: all four]")
 @click.option("--api-token", help="Require `Authorization: Bearer TOKEN` on every route but /healthz and "
               "/readyz (prefer the env variable: arguments show in `ps`).  [env BIRDIE_API_TOKEN]")
 @click.option("--generation-executor", type=click.Choice(["auto", "process", "thread"]),

@@ -32,8 +32,10 @@ class Settings(BaseSettings):
     corpus: Path | None = None
     # Run config files (YAML/TOML) registered at start; comma-separated in the environment.
     run_files: Annotated[list[Path], NoDecode] = Field(default_factory=list)
-    # Preset run files (objective_server/presets/<name>.yaml) registered at start, by name.
-    presets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Preset run files (objective_server/presets/<name>.yaml) registered at start, by name. By
+    # default all shipped presets, so a bare `serve` answers /batch?run=birdie; BIRDIE_PRESETS=""
+    # (empty) registers none.
+    presets: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["birdie", "ul2", "decoder-ul2", "ntp"])
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=256)

@@ -92,7 +92,7 @@ async def app_client(corpus_path: Path, tmp_path: Path):
 
     async def make(**settings) -> httpx.AsyncClient:
         values = {
-            "corpus": corpus_path, "generation_executor": "thread", "generation_workers": 1,
+            "corpus": corpus_path, "generation_executor": "thread", "generation_workers": 1, "presets": [],
             "run_files": [write_runs(tmp_path / f"runs{len(opened)}.yaml", run_config())],
             **settings,
         }

@@ -38,6 +38,8 @@ class LiveServer:
         """`factory`: a uvicorn app factory "module:function" importable from tests/server; None:
         the `birdie-server serve` command."""
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BIRDIE_")}
+        # Tests name their runs; the shipped preset runs (the default) only when a test asks.
+        self.env["BIRDIE_PRESETS"] = ""
         self.env.update(env)
         self.log_path = Path(log_dir) / f"{name}.log"
         self.factory = factory

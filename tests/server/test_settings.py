@@ -27,6 +27,17 @@ def test_environment_variables_fill_the_settings(monkeypatch):
     assert Settings(workers=2).workers == 2
 
 
+def test_a_bare_server_registers_every_shipped_preset_run_and_an_empty_list_none(monkeypatch):
+    from objective_server.runs import preset_run_files
+    from objective_server.service.services import configured_runs
+
+    monkeypatch.delenv("BIRDIE_PRESETS", raising=False)
+    assert [c.name for c in configured_runs(Settings())] == ["birdie", "ul2", "decoder-ul2", "ntp"]
+    assert set(Settings().presets) == set(preset_run_files())
+    monkeypatch.setenv("BIRDIE_PRESETS", "")
+    assert configured_runs(Settings()) == []
+
+
 def test_environment_round_trips_for_worker_processes(monkeypatch):
     settings = Settings(redis_url="redis://h:1/0", workers=3, run_files=["x.yaml"], api_token="t",
                         corpus="/data/c", prefetch_depth=0)
