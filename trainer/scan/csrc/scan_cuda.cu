@@ -109,28 +109,6 @@ void backward_typed(const at::Tensor& a, const at::Tensor& h, const at::Tensor& 
                "linear_scan backward kernel");
 }
 
-// The supported (gate, value) dtype pairs: (f64, f64) and (f32, f32 | bf16 | f16).
-#define BIRDIE_DISPATCH_TYPES(a, x, CALL)                              \
-  if ((a).scalar_type() == at::kDouble) {                              \
-    using G = double;                                                  \
-    using X = double;                                                  \
-    CALL;                                                              \
-  } else if ((x).scalar_type() == at::kFloat) {                        \
-    using G = float;                                                   \
-    using X = float;                                                   \
-    CALL;                                                              \
-  } else if ((x).scalar_type() == at::kBFloat16) {                     \
-    using G = float;                                                   \
-    using X = at::BFloat16;                                            \
-    CALL;                                                              \
-  } else if ((x).scalar_type() == at::kHalf) {                         \
-    using G = float;                                                   \
-    using X = at::Half;                                                \
-    CALL;                                                              \
-  } else {                                                             \
-    TORCH_CHECK(false, "unsupported input dtype ", (x).scalar_type()); \
-  }
-
 }  // namespace
 
 at::Tensor linear_scan_forward_cuda(const at::Tensor& a, const at::Tensor& x,
