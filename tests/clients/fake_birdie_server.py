@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from clients.models import LossPostBody
-from clients.wire import ARROW_MEDIA_TYPE, FIELDS, encode_arrow, encode_json
+from clients.wire import ARROW_MEDIA_TYPE, encode_arrow, encode_json
 
 RUN = "demo"
 OBJECTIVES = ("next_token", "copying.len64", "infilling.r15.s3")

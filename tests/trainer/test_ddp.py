@@ -18,7 +18,6 @@ import torch
 
 from clients import BirdieClient
 from trainer.evaluate import batch_tensors, forward_logits, token_losses
-from trainer.main_job import LocalServer
 from trainer.models import build_model
 from trainer.models.common import IGNORE_INDEX
 from trainer.train import TrainConfig, batch_digest, load_checkpoint, make_optimizer
@@ -36,12 +35,6 @@ def counter(metrics_text: str, name: str, **labels: str) -> float:
     label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
     match = re.search(rf"^{name}\{{{re.escape(label_text)}\}} (\S+)$", metrics_text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalServer(tmp_path_factory.mktemp("server") / "server.log") as live:
-        yield live
 
 
 def test_two_ranks_on_gloo(server, tmp_path):

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from clients import BirdieClient
 from clients.wire import WireBatch
 from objective_server.packing import IGNORE_INDEX, PREFIX, SUFFIX, unpack_row
 from trainer import phonebook
@@ -27,24 +26,11 @@ from trainer.evaluate import (
     phone_book_lookup,
     score_batches,
 )
-from trainer.main_job import LocalServer
 from trainer.models import build_model
 from trainer.models.common import PREFIX as MODEL_PREFIX, SUFFIX as MODEL_SUFFIX
 from trainer.train import TrainConfig, train
 
 NUMBER = re.compile(r"^\d{3}-\d{3}-\d{4}$")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalServer(tmp_path_factory.mktemp("server") / "server.log") as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with BirdieClient(server.url) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

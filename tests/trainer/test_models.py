@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from objective_server.objectives.base import Example
 from objective_server.packing import Batch, unpack_row, write_example
 from trainer.models import build_model, lm_loss, model_config, sequence_masks
-from trainer.models.common import SegmentCausalConv1d, SequenceMasks, attention_allowed, direction_masks
+from trainer.models.common import SegmentCausalConv1d, attention_allowed, direction_masks
 
 VOCAB = 48
 GENERATE_ID = 2

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from clients import BirdieClient
-from trainer.main_job import LocalServer
 from trainer.models import build_model
 from trainer.train import (
     TrainConfig,
@@ -32,18 +31,6 @@ ARMS = [
     {"objective": "selective_copying.spans1.after.span4to8.len48", "probability": 1.0},
 ]
 TINY = dict(model="hawk", d_model=32, n_layers=2, bidirectional=True, threads=1, progress=False, prefetch=2)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalServer(tmp_path_factory.mktemp("server") / "server.log") as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with BirdieClient(server.url) as c:
-        yield c
 
 
 def create_run(client: BirdieClient, name: str, total_steps: int, eval_steps: list[int], policy: str = "fixed") -> None:
