@@ -20,6 +20,7 @@ from objective_server.objectives import Objective, parse_objective
 from objective_server.objectives.presets import preset as preset_arms
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MIN_SEQ_LEN, MAX_SEQ_LEN = 64, 131_072
 # The paper's evaluation steps; every 1000 after the last one.
 BIRDIE_EVAL_STEPS = (10, 50, 250, 500, 1000, 1500, 2000)
 # The paper's controller takes permanent control at this evaluation (scaled like the schedule).
@@ -55,7 +56,7 @@ class RunConfig(BaseModel):
     name: str = Field(pattern=RUN_NAME_PATTERN)
     preset: str | None = None
     arms: list[Arm] = Field(default_factory=list)
-    seq_len: int = Field(2048, ge=64, le=131_072)
+    seq_len: int = Field(2048, ge=MIN_SEQ_LEN, le=MAX_SEQ_LEN)
     batch_size: int = Field(8, ge=1, le=4096)
     seed: int = Field(0, ge=0)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
@@ -66,10 +67,16 @@ class RunConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _expand_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") and not data.get("arms"):
-            data = dict(data)
-            arms = preset_arms(data["preset"], seq_len=int(data.get("seq_len", 2048)))
-            data["arms"] = [{"objective": o.name, "probability": p} for o, p in arms]
+        # Runs before field validation: expand only a well-typed preset and seq_len, and leave
+        # anything else to the field validators, which report it as a validation error.
+        if not isinstance(data, dict) or data.get("arms") or not isinstance(data.get("preset"), str):
+            return data
+        seq_len = data.get("seq_len", 2048)
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not MIN_SEQ_LEN <= seq_len <= MAX_SEQ_LEN:
+            return data
+        data = dict(data)
+        arms = preset_arms(data["preset"], seq_len=seq_len)
+        data["arms"] = [{"objective": o.name, "probability": p} for o, p in arms]
         return data
 
     @model_validator(mode="after")
