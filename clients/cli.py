@@ -80,9 +80,20 @@ def fmt_number(value: float | None) -> str:
 @main.command()
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Print the server's JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
+              help="Also draw family probabilities over the steps above the per-family validation loss "
+              "into this PNG (needs matplotlib).")
 @click.pass_obj
-def mixture(client: BirdieClient, run: str, as_json: bool) -> None:
+def mixture(client: BirdieClient, run: str, as_json: bool, plot_path: str | None) -> None:
     """Current mixture of RUN: probability, last validation loss and reward per configuration."""
+    if plot_path is not None:
+        from clients.plot import plot_history
+
+        try:
+            written = plot_history(client.mixture_history(run), plot_path)
+        except ImportError as e:  # matplotlib is imported on use
+            raise click.ClickException(f"--plot needs matplotlib ({e})") from None
+        click.echo(f"wrote {written}", err=True)
     m = client.mixture(run)
     if as_json:
         echo_json(m.model_dump(mode="json"))

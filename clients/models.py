@@ -56,10 +56,21 @@ class MixtureRecordOut(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
+class EvaluationOut(BaseModel):
+    """One evaluation: every rank's validation losses at `step`, token-weighted per configuration."""
+
+    step: int
+    losses: dict[str, float]
+    tokens: dict[str, int]
+
+
 class MixtureHistoryResponse(BaseModel):
     run: str
     timeline: list[tuple[int, int]]  # (effective_step, version)
     mixtures: list[MixtureRecordOut]
+    max_served: int = -1
+    families: dict[str, str] = Field(default_factory=dict)  # configuration name -> family
+    evaluations: list[EvaluationOut] = Field(default_factory=list)  # in the order the policy took them
 
 
 class ObjectiveInfo(BaseModel):

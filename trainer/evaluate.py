@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clients.plot import family_means
 from objective_server.special_tokens import DONE, EOD, GENERATE
 from trainer import phonebook
 from trainer.models import LanguageModel, RecurrentLM
@@ -122,15 +123,6 @@ def score_batches(
         name: ObjectiveScore(loss=loss / count, accuracy=right / count, tokens=int(count))
         for name, (loss, right, count) in totals.items()
     }
-
-
-def family_means(values: dict[str, float], families: dict[str, str]) -> dict[str, float]:
-    """Mean over each family's configurations (every configuration counts once, as in the
-    controller's family reward)."""
-    grouped: dict[str, list[float]] = {}
-    for name, value in values.items():
-        grouped.setdefault(families[name], []).append(value)
-    return {family: float(np.mean(v)) for family, v in sorted(grouped.items())}
 
 
 def fetch_validation_batches(client, run: str, objectives: Sequence[str], n_batches: int) -> list:

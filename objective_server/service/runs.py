@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from clients.models import (
+    EvaluationOut,
     MixtureHistoryResponse,
     MixtureRecordOut,
     MixtureResponse,
@@ -93,6 +94,7 @@ class RunService:
         records = await self.store.mixture_history(run)
         timeline = await self.store.timeline(run, known=context.timeline)
         context.remember(timeline)
+        evaluations = await self.store.evaluations(run)
         return MixtureHistoryResponse(
             run=run,
             timeline=list(timeline.entries),
@@ -103,6 +105,9 @@ class RunService:
                 )
                 for r in records
             ],
+            max_served=timeline.max_served,
+            families=dict(zip(context.names, context.families)),
+            evaluations=[EvaluationOut(step=a.step, losses=a.losses, tokens=a.tokens) for a in evaluations],
         )
 
     async def objectives(self, run: str | None, seq_len: int) -> list[ObjectiveInfo]:

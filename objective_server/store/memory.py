@@ -64,6 +64,7 @@ class _RunState:
     sums: dict[tuple[str, int], _Sums] = field(default_factory=dict)  # incomplete + pending
     completed: dict[tuple[str, int], int] = field(default_factory=dict)  # -> world_size, forever
     pending: set[tuple[str, int]] = field(default_factory=set)
+    evaluations: list[tuple[str, int]] = field(default_factory=list)  # consumed validation aggregates
     train_loss_sums: dict[str, float] = field(default_factory=dict)
     train_tokens: dict[str, int] = field(default_factory=dict)
     train_posts: dict[str, int] = field(default_factory=dict)
@@ -199,6 +200,17 @@ class MemoryRunStore:
                 for split, step in sorted(state.pending, key=lambda k: (k[1], k[0]))
             ]
 
+    async def evaluations(self, run: str) -> list[Aggregate]:
+        with self._mutex:
+            state = self._run(run)
+            return [
+                Aggregate.from_sums(
+                    split, step, state.sums[(split, step)].world_size,
+                    state.sums[(split, step)].loss_sums, state.sums[(split, step)].token_sums,
+                )
+                for split, step in state.evaluations
+            ]
+
     async def policy_state(self, run: str) -> tuple[int, bytes]:
         with self._mutex:
             state = self._run(run)
@@ -237,7 +249,10 @@ class MemoryRunStore:
             run_state.policy_state = new_state
             for key in consumed_keys:
                 run_state.pending.discard(key)
-                del run_state.sums[key]
+                if key[0] == "validation":  # kept (its sums too) for /mixture/history
+                    run_state.evaluations.append(key)
+                else:
+                    del run_state.sums[key]
             if body is None:
                 return CommitOutcome(ok=True, policy_version=run_state.policy_version)
             effective_step = run_state.max_served + 1

@@ -262,6 +262,10 @@ class RunStore(Protocol):
     async def pending(self, run: str) -> list[Aggregate]:
         """Completed aggregates not yet consumed by a policy commit, by (step, split)."""
 
+    async def evaluations(self, run: str) -> list[Aggregate]:
+        """Validation aggregates a policy commit has consumed, in the order they were consumed
+        (the run's evaluation history, shown by /mixture/history)."""
+
     async def policy_state(self, run: str) -> tuple[int, bytes]:
         """(policy_version, opaque policy state)."""
 

@@ -12,9 +12,11 @@ Layout under `<ns>:run:{<run>}:`
     mixtures                 list of mixture bodies (JSON: probabilities, created_at_step, meta); index = version
     timeline                 list of effective steps; index = version
     ranks:<split>:<step>     set of ranks posted, while the aggregate is incomplete
-    sums:<split>:<step>      hash: ws, l:<name> (sum loss*tokens, %.17g), t:<name> (sum tokens); until consumed
+    sums:<split>:<step>      hash: ws, l:<name> (sum loss*tokens, %.17g), t:<name> (sum tokens); until a
+                             training aggregate is consumed (validation aggregates: forever)
     completed                hash <split>:<step> -> world_size, forever (answers duplicates cheaply)
     pending                  sorted set of <split>:<step>, score step
+    evaluations              list of validation:<step> the policy consumed (their sums are kept)
     totals                   hash l:/t:/p:<name> over training posts
     lock:<name>              redis-py Lock
 and `<ns>:runs`, the set of run names.
@@ -165,6 +167,17 @@ end
 return out
 """
 
+# Returns {id, sums-hash-as-flat-list} per consumed validation aggregate, in consumption order.
+_EVALUATIONS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local p = ARGV[1]
+local out = {}
+for _, id in ipairs(redis.call('LRANGE', p .. 'evaluations', 0, -1)) do
+  out[#out + 1] = {id, redis.call('HGETALL', p .. 'sums:' .. id)}
+end
+return out
+"""
+
 # ARGV: prefix, expected_version, state, num_consumed, consumed ids..., then
 # (num_probabilities, mixture body) if a mixture is published.
 _COMMIT_POLICY = """
@@ -188,7 +201,11 @@ local version = string.format('%d', tonumber(current) + 1)
 redis.call('HSET', state_key, 'policy_version', version, 'policy_state', ARGV[3])
 for i = 5, 4 + n do
   redis.call('ZREM', p .. 'pending', ARGV[i])
-  redis.call('DEL', p .. 'sums:' .. ARGV[i])
+  if string.sub(ARGV[i], 1, 11) == 'validation:' then
+    redis.call('RPUSH', p .. 'evaluations', ARGV[i])
+  else
+    redis.call('DEL', p .. 'sums:' .. ARGV[i])
+  end
 end
 if not publish then return {'ok', version} end
 local effective = string.format('%d', tonumber(redis.call('HGET', state_key, 'max_served')) + 1)
@@ -218,6 +235,7 @@ class RedisRunStore:
         self._mixture_history = client.register_script(_MIXTURE_HISTORY)
         self._post_losses = client.register_script(_POST_LOSSES)
         self._pending = client.register_script(_PENDING)
+        self._evaluations = client.register_script(_EVALUATIONS)
         self._commit_policy = client.register_script(_COMMIT_POLICY)
         self._train_totals = client.register_script(_TRAIN_TOTALS)
 
@@ -383,6 +401,11 @@ class RedisRunStore:
             split, step = aggregate_id.decode().split(":")
             aggregates.append(_aggregate(split, int(step), flat_sums))
         return aggregates
+
+    async def evaluations(self, run: str) -> list[Aggregate]:
+        result = await self._run_script(self._evaluations, run)
+        return [_aggregate("validation", int(aggregate_id.decode().split(":")[1]), flat_sums)
+                for aggregate_id, flat_sums in result]
 
     async def policy_state(self, run: str) -> tuple[int, bytes]:
         _, prefix = self._keys(run)

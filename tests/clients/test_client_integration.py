@@ -214,3 +214,32 @@ def test_cli_and_auth_against_the_real_server(live) -> None:
         assert client.healthz()  # liveness stays open
         with pytest.raises(AuthenticationError):
             client.runs()
+
+
+def test_mixture_plot_draws_the_history_and_its_evaluations(live, tmp_path) -> None:
+    server = live()
+    with BirdieClient(server.url, **FAST) as client:
+        names = [o.name for o in client.run(RUN).objectives]
+        for step in (4, 8):
+            for rank in (0, 1):
+                client.post_losses(validation_post(step, rank, names))
+        # The policy takes each completed evaluation (on the post that completes it or on a drain).
+        assert wait_until(lambda: len(client.mixture_history(RUN).evaluations) == 2, timeout=20)
+        history = client.mixture_history(RUN)
+    assert [e.step for e in history.evaluations] == [4, 8]
+    assert history.evaluations[0].losses == pytest.approx({n: 3.0 - 0.1 * i for i, n in enumerate(names)})
+    assert history.evaluations[0].tokens == {n: 100 for n in names}  # both ranks' tokens
+    assert set(history.families) == set(names)
+
+    path = tmp_path / "mixture.png"
+    result = CliRunner().invoke(birdie_cli, ["mixture", RUN, "--plot", str(path)], env={"BIRDIE_SERVER_URL": server.url})
+    assert result.exit_code == 0, result.output
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 400
+    # Something is drawn in both panels: the stacked mixture above, the loss lines below.
+    height = image.shape[0]
+    for panel in (image[: height // 2], image[height // 2 :]):
+        coloured = (abs(panel[..., 0] - panel[..., 1]) + abs(panel[..., 1] - panel[..., 2])) > 0.2
+        assert coloured.mean() > 0.001  # grey grid and text do not count; an empty panel has none

@@ -130,6 +130,9 @@ async def test_mixture_changes_apply_from_the_step_after_the_highest_served(app_
     history = (await client.get("/mixture/history", params={"run": "rot"})).json()
     assert history["timeline"] == [[0, 0], [4, 1]]
     assert history["mixtures"][1]["created_at_step"] == 4
+    assert history["max_served"] == 3 and history["families"][names[0]] == created.json()["objectives"][0]["family"]
+    # The evaluation the policy consumed is in the history, token-weighted as posted.
+    assert history["evaluations"] == [{"step": 4, "losses": {names[0]: 2.0}, "tokens": {names[0]: 10}}]
     mixture = (await client.get("/mixture", params={"run": "rot"})).json()
     assert mixture["version"] == 1 and mixture["effective_step"] == 4
     assert mixture["probabilities"][names[1]] == pytest.approx(0.5)

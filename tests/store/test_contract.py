@@ -141,6 +141,7 @@ MISSING_RUN_CALLS = {
     "mixture_history": lambda s, r: s.mixture_history(r),
     "post_losses": lambda s, r: s.post_losses(r, post(0, 0)),
     "pending": lambda s, r: s.pending(r),
+    "evaluations": lambda s, r: s.evaluations(r),
     "policy_state": lambda s, r: s.policy_state(r),
     "commit_policy": lambda s, r: s.commit_policy(r, 0, b"", [], INITIAL),
     "train_totals": lambda s, r: s.train_totals(r),
@@ -376,6 +377,23 @@ async def test_pending_queue_in_step_order_and_consumed_by_commits(store, run):
     assert [a.key for a in await store.pending(run)] == [("train", 5), ("validation", 10)]
     # Consumed aggregates stay completed: a late post of theirs is still a duplicate.
     assert (await store.post_losses(run, post(5, 1, 2))).duplicate
+
+
+async def test_consumed_validation_aggregates_become_the_evaluation_history(store, run):
+    assert await store.evaluations(run) == []
+    expected = {}
+    for split, step in [("validation", 10), ("train", 3), ("validation", 5)]:
+        expected[(split, step)] = await complete(store, run, step, split)
+    # Pending is not history: only what a policy commit consumed.
+    assert await store.evaluations(run) == []
+    assert (await store.commit_policy(run, 0, b"s1", [("validation", 10), ("train", 3)], None)).ok
+    assert await store.evaluations(run) == [expected[("validation", 10)]]
+    # A stale commit consumes nothing.
+    assert not (await store.commit_policy(run, 0, b"stale", [("validation", 5)], None)).ok
+    assert (await store.commit_policy(run, 1, b"s2", [("validation", 5)], [0.2, 0.3, 0.5])).ok
+    history = await store.evaluations(run)
+    assert history == [expected[("validation", 10)], expected[("validation", 5)]]  # consumption order
+    assert history[1].losses == {"ntp": 2.0, "infill": 3.0} and history[1].tokens == {"ntp": 20, "infill": 20}
 
 
 async def test_commit_with_an_aggregate_not_pending_changes_nothing(store, run):
