@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from objective_server.policies.reward_model import RewardModel, fit, linear_recurrence, make_optimizer
+from objective_server.policies.reward_model import RewardModel, _Trainer, fit, linear_recurrence, make_optimizer
 
 
 def sequential(gates: torch.Tensor, inputs: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,3 +107,64 @@ def test_wrong_widths_are_errors() -> None:
         RewardModel(0)
     with pytest.raises(ValueError):
         fit(model, make_optimizer(model), torch.rand(4, 10), torch.rand(3, 5), steps=1)
+
+
+def autograd_gradients(model: RewardModel, rows: torch.Tensor, targets: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    """The MSE and its gradients by autograd, on a copy (the model's .grad belong to the trainer)."""
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.grad = None
+    loss = torch.nn.functional.mse_loss(model(rows[None])[0], targets)
+    loss.backward()
+    return loss.item(), [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 9, 33])
+def test_training_step_gradients_equal_autograd(length: int) -> None:
+    """fit's hand-written backward pass must be exactly the model's MSE gradient, at every step
+    (its buffers are reused from step to step), and with forget gates at 0 and 1."""
+
+    torch.manual_seed(length)
+    model = RewardModel(4, width=16, layers=2).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        # Saturate some forget gates (pre-activations around -60 and +60).
+        model.layers[0].gates.bias[-16:-12] = -60.0
+        model.layers[1].gates.bias[-4:] = 60.0
+    rows = torch.rand(length, 8, dtype=torch.float64) * 3
+    targets = torch.randn(length, 4, dtype=torch.float64)
+    trainer = _Trainer(model)
+    for _ in range(2):
+        expected_loss, expected = autograd_gradients(model, rows, targets)
+        loss = trainer.step(rows, targets)
+        assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+        for (name, p), want in zip(model.named_parameters(), expected):
+            torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12, msg=name)
+        with torch.no_grad():  # a different point for the second step
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    trainer.release()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fit_clips_the_gradient_norm_like_torch() -> None:
+    """One fit step equals zero_grad / backward / clip_grad_norm_ / step done with autograd."""
+    torch.manual_seed(3)
+    reference, model = RewardModel(3, width=16, layers=2), RewardModel(3, width=16, layers=2)
+    model.load_state_dict(reference.state_dict())
+    rows, targets = torch.rand(6, 6) * 4, torch.randn(6, 3) * 10  # large errors: clipping is active
+    optimizer, reference_optimizer = make_optimizer(model), make_optimizer(reference)
+    loss = torch.nn.functional.mse_loss(reference(rows[None])[0], targets)
+    loss.backward()
+    assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0) > 1.0
+    reference_optimizer.step()
+    assert fit(model, optimizer, rows, targets, steps=1) == pytest.approx(loss.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fit_on_an_empty_history_is_an_error() -> None:
+    model = small_model(k=2)
+    with pytest.raises(ValueError, match="empty"):
+        fit(model, make_optimizer(model), torch.zeros(0, 4), torch.zeros(0, 2), steps=1)
