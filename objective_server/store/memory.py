@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -192,24 +192,12 @@ class MemoryRunStore:
     async def pending(self, run: str) -> list[Aggregate]:
         with self._mutex:
             state = self._run(run)
-            return [
-                Aggregate.from_sums(
-                    split, step, state.sums[(split, step)].world_size,
-                    state.sums[(split, step)].loss_sums, state.sums[(split, step)].token_sums,
-                )
-                for split, step in sorted(state.pending, key=lambda k: (k[1], k[0]))
-            ]
+            return _aggregates(state, sorted(state.pending, key=lambda k: (k[1], k[0])))
 
     async def evaluations(self, run: str) -> list[Aggregate]:
         with self._mutex:
             state = self._run(run)
-            return [
-                Aggregate.from_sums(
-                    split, step, state.sums[(split, step)].world_size,
-                    state.sums[(split, step)].loss_sums, state.sums[(split, step)].token_sums,
-                )
-                for split, step in state.evaluations
-            ]
+            return _aggregates(state, state.evaluations)
 
     async def policy_state(self, run: str) -> tuple[int, bytes]:
         with self._mutex:
@@ -310,3 +298,12 @@ def _check_world_size(key: tuple[str, int], recorded: int, posted: int) -> None:
         raise ConflictError(
             f"{key[0]} step {key[1]} has world_size {recorded}, a post said {posted}"
         )
+
+
+def _aggregates(state: _RunState, keys: Iterable[tuple[str, int]]) -> list[Aggregate]:
+    """The aggregates of `keys` (each still has its sums), in that order."""
+    return [
+        Aggregate.from_sums(split, step, state.sums[(split, step)].world_size,
+                            state.sums[(split, step)].loss_sums, state.sums[(split, step)].token_sums)
+        for split, step in keys
+    ]

@@ -156,23 +156,19 @@ redis.call('ZADD', p .. 'pending', step, id)
 return {'completed', tostring(count), redis.call('HGETALL', sums_key)}
 """
 
-# Returns {id, sums-hash-as-flat-list} per pending aggregate, by (step, split).
-_PENDING = """
+# ARGV: prefix, which ('pending': the sorted set, by (step, split); 'evaluations': the list, in
+# consumption order). Returns {id, sums-hash-as-flat-list} per aggregate.
+_AGGREGATES = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local p = ARGV[1]
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', p .. 'pending', 0, -1)) do
-  out[#out + 1] = {id, redis.call('HGETALL', p .. 'sums:' .. id)}
+local ids
+if ARGV[2] == 'pending' then
+  ids = redis.call('ZRANGE', p .. 'pending', 0, -1)
+else
+  ids = redis.call('LRANGE', p .. 'evaluations', 0, -1)
 end
-return out
-"""
-
-# Returns {id, sums-hash-as-flat-list} per consumed validation aggregate, in consumption order.
-_EVALUATIONS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local p = ARGV[1]
 local out = {}
-for _, id in ipairs(redis.call('LRANGE', p .. 'evaluations', 0, -1)) do
+for _, id in ipairs(ids) do
   out[#out + 1] = {id, redis.call('HGETALL', p .. 'sums:' .. id)}
 end
 return out
@@ -234,8 +230,7 @@ class RedisRunStore:
         self._mixture = client.register_script(_MIXTURE)
         self._mixture_history = client.register_script(_MIXTURE_HISTORY)
         self._post_losses = client.register_script(_POST_LOSSES)
-        self._pending = client.register_script(_PENDING)
-        self._evaluations = client.register_script(_EVALUATIONS)
+        self._aggregates = client.register_script(_AGGREGATES)
         self._commit_policy = client.register_script(_COMMIT_POLICY)
         self._train_totals = client.register_script(_TRAIN_TOTALS)
 
@@ -395,17 +390,17 @@ class RedisRunStore:
         return PostOutcome(duplicate=False, ranks_posted=int(result[1]), completed=completed)
 
     async def pending(self, run: str) -> list[Aggregate]:
-        result = await self._run_script(self._pending, run)
+        return await self._read_aggregates(run, "pending")
+
+    async def evaluations(self, run: str) -> list[Aggregate]:
+        return await self._read_aggregates(run, "evaluations")
+
+    async def _read_aggregates(self, run: str, which: str) -> list[Aggregate]:
         aggregates = []
-        for aggregate_id, flat_sums in result:
+        for aggregate_id, flat_sums in await self._run_script(self._aggregates, run, which):
             split, step = aggregate_id.decode().split(":")
             aggregates.append(_aggregate(split, int(step), flat_sums))
         return aggregates
-
-    async def evaluations(self, run: str) -> list[Aggregate]:
-        result = await self._run_script(self._evaluations, run)
-        return [_aggregate("validation", int(aggregate_id.decode().split(":")[1]), flat_sums)
-                for aggregate_id, flat_sums in result]
 
     async def policy_state(self, run: str) -> tuple[int, bytes]:
         _, prefix = self._keys(run)
