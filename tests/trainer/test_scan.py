@@ -445,7 +445,7 @@ def test_cuda_bf16_is_correct_at_long_lengths(length):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("tile", ["1,1", "1,8", "2,4", "2,16", "4,3", "4,8", "4,16"])
+@pytest.mark.parametrize("tile", ["1,1", "1,8", "2,4", "2,16", "4,3", "4,8", "4,16", "1,8,2", "2,3,2", "4,16,2"])
 def test_cuda_every_tile_gives_the_same_result(monkeypatch, tile):
     a, x, h0, grad = make_inputs(3, 1000, 264, seed=31, device="cuda")
     default = op_with_grads(a, x, h0, 132, grad, "cuda")

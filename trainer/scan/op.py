@@ -33,16 +33,18 @@ BACKENDS = ("auto", "cuda", "cpp", "reference")
 _VALUE_DTYPES_FOR_FLOAT32_GATES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _cuda_tile() -> tuple[int, int]:
-    """Optional tile override "VEC,WARPS" for tuning (bench/scan.py --sweep); 0 = automatic."""
+def _cuda_tile() -> tuple[int, int, int]:
+    """Optional tile override "VEC,WARPS[,STAGES]" for tuning (bench/scan.py --sweep); 0 = automatic."""
     spec = os.environ.get("BIRDIE_SCAN_CUDA_TILE", "")
     if not spec:
-        return 0, 0
+        return 0, 0, 0
     try:
-        vec, warps = (int(part) for part in spec.split(","))
+        parts = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise ValueError(f"BIRDIE_SCAN_CUDA_TILE must look like '2,8' (vec,warps), got {spec!r}") from None
-    return vec, warps
+        parts = []
+    if len(parts) not in (2, 3):
+        raise ValueError(f"BIRDIE_SCAN_CUDA_TILE must look like '2,8' or '2,8,2' (vec,warps[,stages]), got {spec!r}")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else 0
 
 
 def _resolve_backend(device: torch.device, backend: str) -> str:

@@ -68,8 +68,8 @@ void forward_typed(const at::Tensor& a, const at::Tensor& x, const std::optional
   const void* ptrs[] = {p.a, p.x, p.h0, p.h};
   const int bytes[] = {sizeof(DG), sizeof(DX), sizeof(DG), sizeof(DX)};
   const int max_vec = sizeof(DG) == 8 ? 2 : 4;
-  const birdie_scan::Tile tile = birdie_scan::choose_tile(p.B, p.D, split, max_vec, strides, 4,
-                                                          ptrs, bytes, 4, sm_count(a), requested);
+  const birdie_scan::Tile tile = birdie_scan::choose_tile(
+      p.B, p.D, split, max_vec, sizeof(DX), strides, 4, ptrs, bytes, 4, sm_count(a), requested);
   check_launch(birdie_scan::launch_forward(p, tile, c10::cuda::getCurrentCUDAStream().stream()),
                "linear_scan forward kernel");
 }
@@ -103,8 +103,8 @@ void backward_typed(const at::Tensor& a, const at::Tensor& h, const at::Tensor& 
   const int bytes[] = {sizeof(DG), sizeof(DX), sizeof(DX), sizeof(DG),
                        sizeof(DG), sizeof(DX), sizeof(DG)};
   const int max_vec = sizeof(DG) == 8 ? 2 : 4;
-  const birdie_scan::Tile tile = birdie_scan::choose_tile(p.B, p.D, split, max_vec, strides, 6,
-                                                          ptrs, bytes, 7, sm_count(a), requested);
+  const birdie_scan::Tile tile = birdie_scan::choose_tile(
+      p.B, p.D, split, max_vec, sizeof(DX), strides, 6, ptrs, bytes, 7, sm_count(a), requested);
   check_launch(birdie_scan::launch_backward(p, tile, c10::cuda::getCurrentCUDAStream().stream()),
                "linear_scan backward kernel");
 }
@@ -113,13 +113,14 @@ void backward_typed(const at::Tensor& a, const at::Tensor& h, const at::Tensor& 
 
 at::Tensor linear_scan_forward_cuda(const at::Tensor& a, const at::Tensor& x,
                                     const std::optional<at::Tensor>& h0, int64_t split,
-                                    int64_t vec, int64_t warps) {
+                                    int64_t vec, int64_t warps, int64_t stages) {
   birdie_scan::check_forward(a, x, h0, split);
   TORCH_CHECK(a.is_cuda(), "the CUDA backend needs CUDA tensors, got ", a.device());
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor h = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (h.numel() == 0) return h;
-  const birdie_scan::Tile requested{static_cast<int>(vec), static_cast<int>(warps)};
+  const birdie_scan::Tile requested{static_cast<int>(vec), static_cast<int>(warps),
+                                    static_cast<int>(stages)};
   BIRDIE_DISPATCH_TYPES(a, x, (forward_typed<G, X>(a, x, h0, h, split, requested)));
   return h;
 }
@@ -127,7 +128,8 @@ at::Tensor linear_scan_forward_cuda(const at::Tensor& a, const at::Tensor& x,
 std::vector<at::Tensor> linear_scan_backward_cuda(const at::Tensor& a, const at::Tensor& h,
                                                   const at::Tensor& dh,
                                                   const std::optional<at::Tensor>& h0,
-                                                  int64_t split, int64_t vec, int64_t warps) {
+                                                  int64_t split, int64_t vec, int64_t warps,
+                                                  int64_t stages) {
   birdie_scan::check_backward(a, h, dh, h0, split);
   TORCH_CHECK(a.is_cuda(), "the CUDA backend needs CUDA tensors, got ", a.device());
   const c10::cuda::CUDAGuard guard(a.device());
@@ -136,7 +138,8 @@ std::vector<at::Tensor> linear_scan_backward_cuda(const at::Tensor& a, const at:
   at::Tensor dx = at::empty(h.sizes(), h.options().memory_format(contiguous));
   at::Tensor dh0 = at::zeros({a.size(0), a.size(2)}, a.options());
   if (da.numel() == 0) return {da, dx, dh0};
-  const birdie_scan::Tile requested{static_cast<int>(vec), static_cast<int>(warps)};
+  const birdie_scan::Tile requested{static_cast<int>(vec), static_cast<int>(warps),
+                                    static_cast<int>(stages)};
   BIRDIE_DISPATCH_TYPES(a, h, (backward_typed<G, X>(a, h, dh, h0, da, dx, dh0, split, requested)));
   return {da, dx, dh0};
 }

@@ -71,12 +71,30 @@ struct Word<16> {
 };
 
 // Inputs are never written while a kernel runs (outputs are separate allocations), so the
-// read-only path (ld.global.nc) is safe.
-template <typename Acc, typename T, int VEC>
-__device__ __forceinline__ void load_widened(const T* ptr, Acc (&out)[VEC]) {
+// read-only path (ld.global.nc) is safe. Loads return the raw storage type: the kernels
+// issue every load of a round first and widen the values only where they are used, so a
+// bf16 round keeps as many loads in flight, in as many registers, as a float32 round
+// (widening right after each load let the compiler serialise loads and conversions).
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* ptr) {
   using W = typename Word<sizeof(T) * VEC>::type;
   Pack<T, VEC> p;
   *reinterpret_cast<W*>(&p) = __ldg(reinterpret_cast<const W*>(ptr));
+  return p;
+}
+
+// A pack of +0.0 (all bits zero in every storage type).
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> zero_pack() {
+  using W = typename Word<sizeof(T) * VEC>::type;
+  Pack<T, VEC> p;
+  *reinterpret_cast<W*>(&p) = W{};
+  return p;
+}
+
+template <typename Acc, typename T, int VEC>
+__device__ __forceinline__ void load_widened(const T* ptr, Acc (&out)[VEC]) {
+  const Pack<T, VEC> p = load_pack<T, VEC>(ptr);
 #pragma unroll
   for (int v = 0; v < VEC; ++v) out[v] = static_cast<Acc>(widen(p.v[v]));
 }
@@ -192,7 +210,37 @@ __device__ __forceinline__ void combine_round(const G (&prod)[VEC], const G (&en
   buffer ^= 1;
 }
 
+// One warp's loads of one forward round: STEPS steps of VEC channels, in storage types.
 template <typename G, typename X, int VEC, int STEPS>
+struct ForwardLoads {
+  Pack<G, VEC> gate[STEPS];
+  Pack<X, VEC> input[STEPS];
+};
+
+// Issues every load of the round starting at step s0 (all independent, so they are in
+// flight together). Steps past T get the identity (gate 1, input 0) and are never stored.
+template <typename G, typename X, int VEC, int STEPS>
+__device__ __forceinline__ void load_forward_round(ForwardLoads<G, X, VEC, STEPS>& r, const G* a_row,
+                                                   const X* x_row, const ForwardParams<G, X>& p,
+                                                   int64_t s0, bool active, bool reverse) {
+#pragma unroll
+  for (int i = 0; i < STEPS; ++i) {
+    const int64_t s = s0 + i;
+    if (active && s < p.T) {
+      const int64_t t = reverse ? p.T - 1 - s : s;
+      r.gate[i] = load_pack<G, VEC>(a_row + t * p.a_st);
+      r.input[i] = load_pack<X, VEC>(x_row + t * p.x_st);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) r.gate[i].v[v] = G(1);
+      r.input[i] = zero_pack<X, VEC>();
+    }
+  }
+}
+
+// PREFETCH: the next round's loads are issued right after this round's local scan, so they
+// are in flight during the barrier, the combine and the stores (twice the load registers).
+template <typename G, typename X, int VEC, int STEPS, bool PREFETCH>
 __global__ void __launch_bounds__(512)
     linear_scan_forward_kernel(const ForwardParams<G, X> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -219,27 +267,14 @@ __global__ void __launch_bounds__(512)
 
   int buffer = 0;
   const int64_t round_len = int64_t(warps) * STEPS;
+  ForwardLoads<G, X, VEC, STEPS> loads;
+  if constexpr (PREFETCH) load_forward_round(loads, a_row, x_row, p, int64_t(warp) * STEPS, active, reverse);
   for (int64_t round_start = 0; round_start < p.T; round_start += round_len) {
     const int64_t s0 = round_start + int64_t(warp) * STEPS;
-    G gate[STEPS][VEC], value[STEPS][VEC];
-    // All loads of the segment first, so they are in flight together. Steps past T get
-    // the identity (gate 1, input 0) and are never stored.
-#pragma unroll
-    for (int i = 0; i < STEPS; ++i) {
-      const int64_t s = s0 + i;
-      if (active && s < p.T) {
-        const int64_t t = reverse ? p.T - 1 - s : s;
-        load_widened<G, G, VEC>(a_row + t * p.a_st, gate[i]);
-        load_widened<G, X, VEC>(x_row + t * p.x_st, value[i]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          gate[i][v] = G(1);
-          value[i][v] = G(0);
-        }
-      }
-    }
-    // Local scan from a zero state; gate[i] becomes the product of gates up to step i.
+    if constexpr (!PREFETCH) load_forward_round(loads, a_row, x_row, p, s0, active, reverse);
+    // Local scan from a zero state: value[i] is the local state after step i, cum[i] the
+    // product of the gates up to step i.
+    G value[STEPS][VEC], cum[STEPS][VEC];
     G prod[VEC], state[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
@@ -250,12 +285,13 @@ __global__ void __launch_bounds__(512)
     for (int i = 0; i < STEPS; ++i) {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        state[v] = gate[i][v] * state[v] + value[i][v];
-        prod[v] = prod[v] * gate[i][v];
+        state[v] = loads.gate[i].v[v] * state[v] + G(widen(loads.input[i].v[v]));
+        prod[v] = prod[v] * loads.gate[i].v[v];
         value[i][v] = state[v];
-        gate[i][v] = prod[v];
+        cum[i][v] = prod[v];
       }
     }
+    if constexpr (PREFETCH) load_forward_round(loads, a_row, x_row, p, s0 + round_len, active, reverse);
     G start[VEC];
     combine_round<G, VEC>(prod, state, carry, start, smem, buffer);
 #pragma unroll
@@ -265,7 +301,7 @@ __global__ void __launch_bounds__(512)
         const int64_t t = reverse ? p.T - 1 - s : s;
         G out[VEC];
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) out[v] = gate[i][v] * start[v] + value[i][v];
+        for (int v = 0; v < VEC; ++v) out[v] = cum[i][v] * start[v] + value[i][v];
         store_narrowed<X, G, VEC>(h_row + t * p.D, out);
       }
     }
@@ -299,44 +335,42 @@ __global__ void __launch_bounds__(512)
   G* da_row = p.da + b * p.T * p.D + c0;
   X* dx_row = p.dx + b * p.T * p.D + c0;
 
-  G carry[VEC];
+  G carry[VEC], first_prev[VEC];
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) carry[v] = G(0);
+  for (int v = 0; v < VEC; ++v) {
+    carry[v] = G(0);
+    first_prev[v] = G(0);
+  }
+  if (active && p.h0 != nullptr) load_widened<G, G, VEC>(p.h0 + b * p.D + c0, first_prev);
 
   int buffer = 0;
   const int64_t round_len = int64_t(warps) * STEPS;
   for (int64_t round_start = 0; round_start < p.T; round_start += round_len) {
     const int64_t u0 = round_start + int64_t(warp) * STEPS;
-    G gate[STEPS][VEC], grad[STEPS][VEC], prev[STEPS][VEC];
+    Pack<G, VEC> gate[STEPS];
+    Pack<X, VEC> upstream[STEPS], prev[STEPS];
 #pragma unroll
     for (int i = 0; i < STEPS; ++i) {
       const int64_t u = u0 + i;
       if (active && u < p.T) {
         const int64_t t = reverse ? u : p.T - 1 - u;
-        load_widened<G, X, VEC>(dh_row + t * p.dh_st, grad[i]);
+        upstream[i] = load_pack<X, VEC>(dh_row + t * p.dh_st);
         if (u >= 1) {
-          load_widened<G, G, VEC>(a_row + (t + later) * p.a_st, gate[i]);
+          gate[i] = load_pack<G, VEC>(a_row + (t + later) * p.a_st);
         } else {
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) gate[i][v] = G(0);  // nothing comes after the end
+          for (int v = 0; v < VEC; ++v) gate[i].v[v] = G(0);  // nothing comes after the end
         }
-        if (u + 1 < p.T) {
-          load_widened<G, X, VEC>(h_row + (t - later) * p.h_st, prev[i]);
-        } else if (p.h0 != nullptr) {
-          load_widened<G, G, VEC>(p.h0 + b * p.D + c0, prev[i]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) prev[i][v] = G(0);
-        }
+        // the state before the first forward step is h0 (first_prev), not a stored state
+        prev[i] = u + 1 < p.T ? load_pack<X, VEC>(h_row + (t - later) * p.h_st) : zero_pack<X, VEC>();
       } else {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          gate[i][v] = G(1);
-          grad[i][v] = G(0);
-          prev[i][v] = G(0);
-        }
+        for (int v = 0; v < VEC; ++v) gate[i].v[v] = G(1);
+        upstream[i] = zero_pack<X, VEC>();
+        prev[i] = zero_pack<X, VEC>();
       }
     }
+    G grad[STEPS][VEC];
     G prod[VEC], state[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
@@ -347,10 +381,10 @@ __global__ void __launch_bounds__(512)
     for (int i = 0; i < STEPS; ++i) {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
-        state[v] = gate[i][v] * state[v] + grad[i][v];
-        prod[v] = prod[v] * gate[i][v];
+        state[v] = gate[i].v[v] * state[v] + G(widen(upstream[i].v[v]));
+        prod[v] = prod[v] * gate[i].v[v];
         grad[i][v] = state[v];
-        gate[i][v] = prod[v];
+        gate[i].v[v] = prod[v];
       }
     }
     G start[VEC];
@@ -363,8 +397,8 @@ __global__ void __launch_bounds__(512)
         G dx[VEC], da[VEC];
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          dx[v] = gate[i][v] * start[v] + grad[i][v];
-          da[v] = dx[v] * prev[i][v];
+          dx[v] = gate[i].v[v] * start[v] + grad[i][v];
+          da[v] = dx[v] * (u + 1 < p.T ? G(widen(prev[i].v[v])) : first_prev[v]);
         }
         store_narrowed<X, G, VEC>(dx_row + t * p.D, dx);
         store_narrowed<G, G, VEC>(da_row + t * p.D, da);
@@ -385,20 +419,27 @@ __global__ void __launch_bounds__(512)
 // ---- host side: tile choice and launch, shared by the torch extension and the check
 
 struct Tile {
-  int vec;    // channels per thread (1, 2 or 4)
-  int warps;  // warps per block, each taking STEPS time steps per round
+  int vec;     // channels per thread (1, 2 or 4)
+  int warps;   // warps per block, each taking STEPS time steps per round
+  int stages;  // forward only: 1 = load a round, then use it; 2 = prefetch the next round
 };
+
+inline int64_t block_count(int64_t B, int64_t D, int vec) {
+  return B * ((D + 32 * vec - 1) / (32 * vec));
+}
 
 inline bool aligned_to(const void* ptr, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-// Widest VEC that the shapes, strides and pointers allow, then narrowed while there are
-// too few blocks to give every multiprocessor two (a block per (batch row, VEC*32
-// channels) is the only parallelism). requested.vec/warps > 0 override the choice.
-inline Tile choose_tile(int64_t B, int64_t D, int64_t split, int max_vec, const int64_t* strides,
-                        int n_strides, const void* const* ptrs, const int* elem_bytes, int n_ptrs,
-                        int sm_count, Tile requested) {
+// Widest VEC that the shapes, strides and pointers allow, then narrowed while there are too
+// few blocks (a block per (batch row, VEC*32 channels) is the only parallelism): below 1.5
+// blocks per multiprocessor for 4- and 8-byte values, below 3 for 2-byte values, which ran
+// fastest at VEC = 1 wherever that gave enough blocks (H100 sweep, trainer/scan/NOTES.md).
+// requested.vec/warps/stages > 0 override the choice (vec only where legal).
+inline Tile choose_tile(int64_t B, int64_t D, int64_t split, int max_vec, int value_bytes,
+                        const int64_t* strides, int n_strides, const void* const* ptrs,
+                        const int* elem_bytes, int n_ptrs, int sm_count, Tile requested) {
   int vec = max_vec;
   auto allowed = [&](int v) {
     if (D % v != 0 || split % v != 0) return false;
@@ -413,10 +454,19 @@ inline Tile choose_tile(int64_t B, int64_t D, int64_t split, int max_vec, const 
     // an explicit request is honoured only when legal, otherwise the legal width is kept
     if (requested.vec <= max_vec && allowed(requested.vec)) vec = requested.vec;
   } else {
-    while (vec > 1 && B * ((D + 32 * vec - 1) / (32 * vec)) < 2 * int64_t(sm_count)) vec /= 2;
+    const int64_t min_blocks_x2 = (value_bytes <= 2 ? 6 : 3) * int64_t(sm_count);  // twice the threshold
+    while (vec > 1 && 2 * block_count(B, D, vec) < min_blocks_x2) vec /= 2;
   }
-  const int warps = requested.warps > 0 ? requested.warps : 8;
-  return Tile{vec, warps};
+  // 4 warps per block where 4-byte values give at least 1.5 blocks per multiprocessor,
+  // else 8; the forward prefetches the next round (stages = 2). Both from the H100 sweep.
+  int warps = 8;
+  if (requested.warps > 0) {
+    warps = requested.warps;
+  } else if (value_bytes >= 4 && 2 * block_count(B, D, vec) >= 3 * int64_t(sm_count)) {
+    warps = 4;
+  }
+  const int stages = requested.stages == 1 || requested.stages == 2 ? requested.stages : 2;
+  return Tile{vec, warps, stages};
 }
 
 template <typename G>
@@ -430,27 +480,21 @@ constexpr int steps_for_vec() {
   return 16 / VEC;
 }
 
-inline int64_t block_count(int64_t B, int64_t D, int vec) {
-  return B * ((D + 32 * vec - 1) / (32 * vec));
-}
-
-template <typename G, typename X>
-cudaError_t launch_forward(const ForwardParams<G, X>& p, Tile tile, cudaStream_t stream) {
-  if (p.B == 0 || p.T == 0 || p.D == 0) return cudaSuccess;
-  if (tile.warps < 1 || tile.warps > 16) return cudaErrorInvalidConfiguration;
+template <typename G, typename X, bool PREFETCH>
+cudaError_t launch_forward_staged(const ForwardParams<G, X>& p, Tile tile, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(block_count(p.B, p.D, tile.vec)));
   const dim3 block(tile.warps * 32);
   const size_t smem = shared_bytes<G>(tile);
   switch (tile.vec) {
     case 1:
-      linear_scan_forward_kernel<G, X, 1, steps_for_vec<1>()><<<grid, block, smem, stream>>>(p);
+      linear_scan_forward_kernel<G, X, 1, steps_for_vec<1>(), PREFETCH><<<grid, block, smem, stream>>>(p);
       break;
     case 2:
-      linear_scan_forward_kernel<G, X, 2, steps_for_vec<2>()><<<grid, block, smem, stream>>>(p);
+      linear_scan_forward_kernel<G, X, 2, steps_for_vec<2>(), PREFETCH><<<grid, block, smem, stream>>>(p);
       break;
     case 4:
       if constexpr (sizeof(G) <= 4) {
-        linear_scan_forward_kernel<G, X, 4, steps_for_vec<4>()><<<grid, block, smem, stream>>>(p);
+        linear_scan_forward_kernel<G, X, 4, steps_for_vec<4>(), PREFETCH><<<grid, block, smem, stream>>>(p);
         break;
       }
       return cudaErrorInvalidValue;
@@ -458,6 +502,14 @@ cudaError_t launch_forward(const ForwardParams<G, X>& p, Tile tile, cudaStream_t
       return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+template <typename G, typename X>
+cudaError_t launch_forward(const ForwardParams<G, X>& p, Tile tile, cudaStream_t stream) {
+  if (p.B == 0 || p.T == 0 || p.D == 0) return cudaSuccess;
+  if (tile.warps < 1 || tile.warps > 16) return cudaErrorInvalidConfiguration;
+  return tile.stages == 2 ? launch_forward_staged<G, X, true>(p, tile, stream)
+                          : launch_forward_staged<G, X, false>(p, tile, stream);
 }
 
 template <typename G, typename X>

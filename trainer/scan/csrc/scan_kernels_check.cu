@@ -161,7 +161,7 @@ bool run_case(const Case& c, std::mt19937& rng, double tol) {
   const void* fptrs[] = {fp.a, fp.x, fp.h0, fp.h};
   const int fbytes[] = {4, int(sizeof(X)), 4, int(sizeof(X))};
   const birdie_scan::Tile ftile =
-      birdie_scan::choose_tile(B, D, c.split, 4, fstrides, 4, fptrs, fbytes, 4, sms, c.tile);
+      birdie_scan::choose_tile(B, D, c.split, 4, int(sizeof(X)), fstrides, 4, fptrs, fbytes, 4, sms, c.tile);
   CHECK_CUDA(birdie_scan::launch_forward(fp, ftile, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
 
@@ -187,7 +187,7 @@ bool run_case(const Case& c, std::mt19937& rng, double tol) {
   const void* bptrs[] = {bp.a, bp.h, bp.dh, bp.h0, bp.da, bp.dx, bp.dh0};
   const int bbytes[] = {4, int(sizeof(X)), int(sizeof(X)), 4, 4, int(sizeof(X)), 4};
   const birdie_scan::Tile btile =
-      birdie_scan::choose_tile(B, D, c.split, 4, bstrides, 6, bptrs, bbytes, 7, sms, c.tile);
+      birdie_scan::choose_tile(B, D, c.split, 4, int(sizeof(X)), bstrides, 6, bptrs, bbytes, 7, sms, c.tile);
   CHECK_CUDA(birdie_scan::launch_backward(bp, btile, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
 
@@ -201,11 +201,11 @@ bool run_case(const Case& c, std::mt19937& rng, double tol) {
   const double e_da = relative_error(widen_all(da_d.download()), da_ref);
   const double e_dh0 = relative_error(widen_all(dh0_d.download()), dh0_ref);
   const bool ok = e_h <= tol && e_dx <= tol && e_da <= tol && e_dh0 <= tol;
-  std::printf("%s %-5s B=%lld T=%-5lld D=%-4lld split=%-4lld h0=%d pad=%lld vec=%d/%d warps=%-2d"
+  std::printf("%s %-5s B=%lld T=%-5lld D=%-4lld split=%-4lld h0=%d pad=%lld vec=%d/%d warps=%-2d stages=%d"
               "  err h=%.1e dx=%.1e da=%.1e dh0=%.1e\n",
               ok ? "ok  " : "FAIL", sizeof(X) == 4 ? "f32" : "bf16", (long long)B, (long long)T,
               (long long)D, (long long)c.split, int(c.with_h0), (long long)c.t_stride_pad,
-              ftile.vec, btile.vec, ftile.warps, e_h, e_dx, e_da, e_dh0);
+              ftile.vec, btile.vec, ftile.warps, ftile.stages, e_h, e_dx, e_da, e_dh0);
   return ok;
 }
 
@@ -226,11 +226,12 @@ int main() {
     }
   // every tile variant on awkward and on aligned shapes
   for (int vec : {1, 2, 4})
-    for (int warps : {1, 3, 8, 16}) {
-      cases.push_back({2, 1000, 256, 128, true, 0, {vec, warps}});
-      cases.push_back({2, 4097, 64, 32, false, 8, {vec, warps}});
-      cases.push_back({1, 5, 36, 12, true, 0, {vec, warps}});
-    }
+    for (int warps : {1, 3, 8, 16})
+      for (int stages : {1, 2}) {
+        cases.push_back({2, 1000, 256, 128, true, 0, {vec, warps, stages}});
+        cases.push_back({2, 4097, 64, 32, false, 8, {vec, warps, stages}});
+        cases.push_back({1, 5, 36, 12, true, 0, {vec, warps, stages}});
+      }
   int failures = 0;
   for (const Case& c : cases) {
     failures += run_case<float>(c, rng, 2e-5) ? 0 : 1;
