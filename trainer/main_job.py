@@ -64,8 +64,8 @@ class LocalServer:
     def start(self) -> LocalServer:
         import httpx
 
-        executable = Path(sys.executable).with_name("birdie-server")
-        command = [str(executable) if executable.exists() else "birdie-server", "serve",
+        # This interpreter, so the server runs with the caller's packages whether installed or not.
+        command = [sys.executable, "-m", "objective_server", "serve",
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
