@@ -1,4 +1,5 @@
-"""birdie-train under torchrun with two CPU processes on gloo, against a live objective server:
+"""birdie-train under torchrun with two processes (CPU on gloo; two GPUs on NCCL where a machine has
+them), against a live objective server:
 each rank asks for its own batches, posts its own losses (the server counts both ranks and
 aggregates validation over them), and the DDP update equals one process training on both ranks'
 batches together (the loss is token-weighted over all ranks)."""
@@ -37,14 +38,19 @@ def counter(metrics_text: str, name: str, **labels: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_two_ranks_on_gloo(server, tmp_path):
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason="NCCL with two ranks needs two CUDA devices")]),
+])
+def test_two_ranks(server, tmp_path, device):
     with BirdieClient(server.url) as client:
-        client.create_run({"name": "ddp", "arms": ARMS, "seq_len": 64, "batch_size": 2, "seed": 5,
+        client.create_run({"name": f"ddp-{device}", "arms": ARMS, "seq_len": 64, "batch_size": 2, "seed": 5,
                            "total_steps": STEPS, "eval_steps": [1, STEPS], "policy": {"name": "fixed"}})
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [
         str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "trainer.train",
-        "--server-url", server.url, "--run-name", "ddp", "--threads", "1", "--no-progress", "--lr", "0.01",
+        "--server-url", server.url, "--run-name", f"ddp-{device}", "--device", device, "--threads", "1", "--no-progress", "--lr", "0.01",
         "--warmup-steps", "1", "--d-model", str(MODEL["d_model"]), "--n-layers", str(MODEL["n_layers"]),
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--metrics-file", str(tmp_path / "metrics.jsonl"),
     ]
@@ -57,17 +63,17 @@ def test_two_ranks_on_gloo(server, tmp_path):
     with BirdieClient(server.url) as client:
         text = client.metrics()
         # Both ranks posted every step and both evaluations; each evaluation completed once.
-        assert counter(text, "birdie_loss_posts_total", run="ddp", split="train", status="accepted") == 2 * STEPS
-        assert counter(text, "birdie_loss_posts_total", run="ddp", split="validation", status="accepted") == 4
-        assert counter(text, "birdie_policy_updates_total", run="ddp", split="validation") == 2
+        assert counter(text, "birdie_loss_posts_total", run=f"ddp-{device}", split="train", status="accepted") == 2 * STEPS
+        assert counter(text, "birdie_loss_posts_total", run=f"ddp-{device}", split="validation", status="accepted") == 4
+        assert counter(text, "birdie_policy_updates_total", run=f"ddp-{device}", split="validation") == 2
         # Each rank scored a share of the configurations; the aggregate covers all of them.
-        assert set(client.mixture("ddp").last_losses) == {a["objective"] for a in ARMS}
+        assert set(client.mixture(f"ddp-{device}").last_losses) == {a["objective"] for a in ARMS}
 
         # Rank 0 trained on rank 0's batches; rank 1's are different ones.
         records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
         train_records = [r for r in records if r["kind"] == "train"]
         assert [r["step"] for r in train_records] == list(range(STEPS))
-        batches = [[client.batch("ddp", step, rank, 2) for rank in range(2)] for step in range(STEPS)]
+        batches = [[client.batch(f"ddp-{device}", step, rank, 2) for rank in range(2)] for step in range(STEPS)]
         for record, (rank0, rank1) in zip(train_records, batches):
             assert record["batch"] == batch_digest(rank0["input_ids"])
             assert record["batch"] != batch_digest(rank1["input_ids"])
@@ -78,11 +84,11 @@ def test_two_ranks_on_gloo(server, tmp_path):
     config = TrainConfig(**state["config"])
     torch.manual_seed(config.init_seed)
     vocab_size = state["model_config"]["vocab_size"]
-    model = build_model("hawk", vocab_size=vocab_size, **MODEL)
-    optimizer, scheduler = make_optimizer(model, config, STEPS, torch.device("cpu"))
+    model = build_model("hawk", vocab_size=vocab_size, **MODEL).to(device)
+    optimizer, scheduler = make_optimizer(model, config, STEPS, torch.device(device))
     first_loss = None
     for rank0, rank1 in batches:
-        both = batch_tensors({name: np.concatenate([rank0[name], rank1[name]]) for name in rank0.arrays}, "cpu")
+        both = batch_tensors({name: np.concatenate([rank0[name], rank1[name]]) for name in rank0.arrays}, device)
         labels = both["label_ids"]
         loss = token_losses(forward_logits(model, both), labels).sum() / (labels != IGNORE_INDEX).sum()
         first_loss = first_loss if first_loss is not None else float(loss.detach())
@@ -91,6 +97,8 @@ def test_two_ranks_on_gloo(server, tmp_path):
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
-    assert first_loss == pytest.approx(train_records[0]["loss"], rel=1e-5)
+    # float32 on the CPU; bf16 autocast and another reduction order on GPUs
+    rtol, atol = (1e-5, 1e-6) if device == "cpu" else (2e-2, 2e-3)
+    assert first_loss == pytest.approx(train_records[0]["loss"], rel=rtol)
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(state["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(state["model"][name], value.cpu(), rtol=rtol, atol=atol, msg=name)

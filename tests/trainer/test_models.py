@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from objective_server.objectives.base import Example
 from objective_server.packing import Batch, unpack_row, write_example
 from trainer.models import build_model, lm_loss, model_config, sequence_masks
-from trainer.models.common import SegmentCausalConv1d, attention_allowed, direction_masks
+from trainer.models.common import IGNORE_INDEX, SegmentCausalConv1d, attention_allowed, direction_masks
 
 VOCAB = 48
 GENERATE_ID = 2
@@ -239,7 +239,8 @@ def test_gated_ssm_layer_matches_its_equations(bidirectional):
     with torch.no_grad():
         y = layer(x, masks)
         for row, where, n_prefix in _examples(arrays):
-            i, z, o, f = layer.in_proj(x[row, where]).chunk(4, dim=-1)
+            z, o = layer.in_proj(x[row, where]).chunk(2, dim=-1)
+            i, f = layer.gates(x[row, where]).chunk(2, dim=-1)
             h = _bidirectional_loop(torch.sigmoid(f), torch.sigmoid(i) * z, n_prefix, layer.split)
             expected = layer.out_proj(F.gelu(o) * h)
             torch.testing.assert_close(y[row, where], expected, rtol=1e-10, atol=1e-12)
@@ -475,3 +476,62 @@ def test_loss_ignores_unlabelled_positions():
     labels = torch.tensor([[-100, 5, -100, 7]])
     expected = F.cross_entropy(logits[0, [1, 3]], torch.tensor([5, 7]))
     torch.testing.assert_close(lm_loss(logits, labels), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA device (skip cleanly without one; run them on a GPU machine with `-m gpu`)
+# ---------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", [c[0] for c in MODEL_CASES])
+def test_cuda_forward_and_masking_equal_the_cpu_in_float64(name):
+    """The CUDA scan kernels and the model code on the GPU compute what the CPU computes, and
+    the masking-by-perturbation contract holds there too."""
+    model = make_model(name, True)
+    arrays = tensors(packed_batch())
+    with torch.no_grad():
+        expected = run(model, arrays)
+        model.cuda()
+        on_gpu = {k: v.cuda() for k, v in arrays.items()}
+        torch.testing.assert_close(run(model, on_gpu).cpu(), expected, rtol=0, atol=1e-10)
+        for row in range(2):
+            for position in range(SEQ_LEN):
+                changed = _changed_positions(model, on_gpu, row, position).cpu()
+                assert torch.equal(changed, _expected_changes(arrays, row, position, True)), (row, position)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", [c[0] for c in MODEL_CASES])
+def test_cuda_bf16_autocast_tracks_float32_and_learns(name):
+    """Under bf16 autocast (the trainer's GPU setting) the logits stay close to float32, the
+    weights and their gradients stay float32 and finite, and AdamW steps fit a fixed batch."""
+    from trainer.evaluate import forward_logits, token_losses
+
+    torch.manual_seed(0)
+    extra = dict(MODEL_CASES)[name]
+    model = build_model(name, **{**TINY, **extra, "d_model": 64}, bidirectional=True).cuda()
+    arrays = {k: v.long().cuda() for k, v in tensors(packed_batch()).items()}
+    with torch.no_grad():
+        exact = run(model, arrays).float()
+        mixed = forward_logits(model, arrays)
+    assert mixed.dtype == torch.bfloat16
+    assert (mixed.float() - exact).norm() / exact.norm() < 3e-2
+
+    labels = arrays["label_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = token_losses(forward_logits(model, arrays), labels).sum() / (labels != IGNORE_INDEX).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters()
+                   if p.grad is not None)
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0], losses

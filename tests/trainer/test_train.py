@@ -30,7 +30,7 @@ ARMS = [
     {"objective": "next_token.len63", "probability": 1.0},
     {"objective": "selective_copying.spans1.after.span4to8.len48", "probability": 1.0},
 ]
-TINY = dict(model="hawk", d_model=32, n_layers=2, bidirectional=True, threads=1, progress=False, prefetch=2)
+TINY = dict(model="hawk", d_model=32, n_layers=2, bidirectional=True, threads=1, progress=False, prefetch=2, device="cpu")
 
 
 def create_run(client: BirdieClient, name: str, total_steps: int, eval_steps: list[int], policy: str = "fixed") -> None:
@@ -74,6 +74,25 @@ def test_loss_falls_and_losses_reach_the_server(server, client, tmp_path):
     assert len(lines) == 32
     assert all(0.0 <= r["data_wait"] <= 1.0 and r["tokens_per_s"] > 0 for r in result.history)
     assert set(result.history[0]["losses"]) <= {a["objective"] for a in ARMS}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["hawk", "gated_ssm"])
+def test_cuda_training_with_bf16_autocast(server, client, model):
+    """The GPU path end to end: CUDA scan kernels, bf16 autocast, fused AdamW, posts."""
+    name = f"cuda-{model}"
+    create_run(client, name, total_steps=30, eval_steps=[30])
+    config = TrainConfig(**{**TINY, "model": model, "device": "cuda"}, server_url=server.url, run_name=name,
+                         lr=1e-2, warmup_steps=3)
+    result = train(config)
+    losses = [r["loss"] for r in result.history]
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
+    assert result.failed_posts == 0
+    assert next(result.model.parameters()).device.type == "cuda"
+    text = client.metrics()
+    assert counter(text, "birdie_loss_posts_total", run=name, split="train", status="accepted") == 30
+    assert client.mixture(name).last_losses == pytest.approx(result.validations[-1]["losses"], rel=1e-9)
 
 
 def test_resume_continues_with_identical_batches_and_state(server, client, tmp_path):
@@ -186,6 +205,12 @@ def test_no_weight_decay_on_gates_rglru_norms_and_biases():
     assert "blocks.0.mixer_norm.weight" in names and "blocks.0.mixer.conv.bias" in names
     decayed = {name for name, p in model.named_parameters() if decays(name, p)}
     assert {"embed.weight", "blocks.0.mixer.in_proj.weight", "blocks.0.mlp.down.weight"} <= decayed
+    # The gated SSM's recurrence gates (input, forget) are kept apart from its value and
+    # output projections, so they too are free of decay.
+    ssm = build_model("gated_ssm", vocab_size=64, d_model=16, n_layers=2, bidirectional=True)
+    ssm_free = {name for name, p in ssm.named_parameters() if not decays(name, p)}
+    assert {"blocks.0.mixer.gates.weight", "blocks.0.mixer.gates.bias"} <= ssm_free
+    assert "blocks.0.mixer.in_proj.weight" not in ssm_free
     groups = parameter_groups(model, 0.1)
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -76,7 +76,10 @@ class GatedSSM(nn.Module):
         super().__init__()
         self.width = width
         self.split = width // 2 if bidirectional else width
-        self.in_proj = nn.Linear(d_model, 4 * width)  # i | z | o | f
+        # Two projections so that the optimiser can tell them apart: the recurrence's gates
+        # (input i, forget f) take no weight decay, the value z and the output branch o do.
+        self.in_proj = nn.Linear(d_model, 2 * width)  # z | o
+        self.gates = nn.Linear(d_model, 2 * width)  # i | f
         self.out_proj = nn.Linear(width, d_model, bias=False)
         self.reset_gates()
 
@@ -85,13 +88,15 @@ class GatedSSM(nn.Module):
         # from the first step; the other biases start at zero.
         with torch.no_grad():
             nn.init.zeros_(self.in_proj.bias)
+            nn.init.zeros_(self.gates.bias)
             forget = torch.empty(self.width).uniform_(0.9, 0.999)
-            self.in_proj.bias[3 * self.width :] = torch.logit(forget)
+            self.gates.bias[self.width :] = torch.logit(forget)
 
     def coefficients(self, x: Tensor, masks: SequenceMasks) -> tuple[Tensor, Tensor, Tensor]:
         """Scan gates a = f (float32/64), inputs u = i z and output gate o, each (B, L, width)."""
         gate_keep, input_keep = direction_masks(masks, self.width, self.split)
-        i, z, o, f = self.in_proj(x).chunk(4, dim=-1)
+        z, o = self.in_proj(x).chunk(2, dim=-1)
+        i, f = self.gates(x).chunk(2, dim=-1)
         a = torch.where(gate_keep, torch.sigmoid(f.to(gate_dtype(f))), 0.0)
         u = torch.where(input_keep, torch.sigmoid(i) * z, 0.0)
         return a, u, F.gelu(o)
@@ -126,7 +131,8 @@ class GatedSSM(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         # projections, and one multiply-add per channel in the scan
-        return 2.0 * (self.in_proj.weight.numel() + self.out_proj.weight.numel()) + 2.0 * self.width
+        projections = self.in_proj.weight.numel() + self.gates.weight.numel() + self.out_proj.weight.numel()
+        return 2.0 * projections + 2.0 * self.width
 
 
 class GatedSSMLM(RecurrentLM):
