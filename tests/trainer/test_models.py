@@ -532,6 +532,6 @@ def test_cuda_bf16_autocast_tracks_float32_and_learns(name):
         assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters()
                    if p.grad is not None)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert losses[-1] < 0.5 * losses[0], losses
