@@ -349,6 +349,32 @@ def test_torch_compile_traces_without_graph_breaks(cpp_backend):
         assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_eager_path_equals_the_custom_op(cpp_backend, backend):
+    """Eager calls go through a plain autograd.Function, compiled graphs through the custom op:
+    the same values and gradients, bit for bit, and neither is differentiable twice."""
+    from trainer.scan.op import _linear_scan_op
+
+    a, x, h0, grad = make_inputs(2, 300, 40, seed=8)
+    eager_leaves = [t.clone().requires_grad_() for t in (a, x, h0)]
+    op_leaves = [t.clone().requires_grad_() for t in (a, x, h0)]
+    eager = _scan(*eager_leaves, 17, backend)
+    through_op = _linear_scan_op(*op_leaves, 17, backend)
+    assert eager.grad_fn is not None and "EagerLinearScan" in type(eager.grad_fn).__name__
+    assert torch.equal(eager, through_op)
+    eager.backward(grad)
+    through_op.backward(grad)
+    for got, want in zip(eager_leaves, op_leaves):
+        assert torch.equal(got.grad, want.grad)
+    with torch.no_grad():  # no autograd record at all without grad
+        assert torch.equal(_scan(a, x, h0, 17, backend), eager.detach())
+    # A second derivative is refused, not silently wrong.
+    leaves = [t.clone().requires_grad_() for t in (a, x)]
+    (first,) = torch.autograd.grad(_scan(*leaves, None, 17, backend).square().sum(), leaves[1], create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        first.sum().backward()
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor_fullgraph(cpp_backend):
     a_logits, x, _, _ = make_inputs(2, 40, 24, seed=22)
