@@ -126,13 +126,17 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_h):
+def _gradients(ctx, grad_h, backward):
+    """Gradients of (a, x, initial_state, split, backend) through `backward` (the backward op,
+    or its implementation when called eagerly)."""
     a, h, initial_state = ctx.saved_tensors
     grad_h = _unit_channel_stride(grad_h.to(h.dtype))
-    grad_a, grad_x, grad_h0 = _linear_scan_backward_op(
-        a, h, grad_h, initial_state, ctx.split, ctx.backend
-    )
+    grad_a, grad_x, grad_h0 = backward(a, h, grad_h, initial_state, ctx.split, ctx.backend)
     return grad_a, grad_x, (grad_h0 if initial_state is not None else None), None, None
+
+
+def _backward(ctx, grad_h):
+    return _gradients(ctx, grad_h, _linear_scan_backward_op)
 
 
 torch.library.register_autograd(
@@ -151,17 +155,13 @@ class _EagerLinearScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, x, initial_state, split, backend):  # type: ignore[override]
         h = _forward_impl(a, x, initial_state, split, backend)
-        ctx.save_for_backward(a, h, initial_state)
-        ctx.split, ctx.backend = split, backend
+        _setup_context(ctx, (a, x, initial_state, split, backend), h)
         return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h):  # type: ignore[override]
-        a, h, initial_state = ctx.saved_tensors
-        grad_h = _unit_channel_stride(grad_h.to(h.dtype))
-        grad_a, grad_x, grad_h0 = _backward_impl(a, h, grad_h, initial_state, ctx.split, ctx.backend)
-        return grad_a, grad_x, (grad_h0 if initial_state is not None else None), None, None
+        return _gradients(ctx, grad_h, _backward_impl)
 
 
 def _unit_channel_stride(t: Tensor) -> Tensor:
