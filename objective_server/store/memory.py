@@ -30,6 +30,7 @@ from objective_server.store.protocol import (
     UnknownMixtureVersion,
     UnknownRun,
     check_consumed,
+    check_expected_version,
     check_new_run_name,
     check_probabilities,
     check_step,
@@ -214,8 +215,7 @@ class MemoryRunStore:
         meta: dict | None = None,
         created_at_step: int | None = None,
     ) -> CommitOutcome:
-        if isinstance(expected_version, bool) or not isinstance(expected_version, int):
-            raise ValueError(f"expected_version must be an integer, got {expected_version!r}")
+        check_expected_version(expected_version)
         consumed_keys = check_consumed(consumed)
         body = None
         if probabilities is not None:

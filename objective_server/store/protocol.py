@@ -338,6 +338,13 @@ def check_probabilities(probabilities: Sequence[float]) -> list[float]:
     return [float(p) for p in values]
 
 
+def check_expected_version(expected_version: object) -> int:
+    """The compare-and-set version of a policy commit: an int (bool refused)."""
+    if isinstance(expected_version, bool) or not isinstance(expected_version, int):
+        raise ValueError(f"expected_version must be an integer, got {expected_version!r}")
+    return expected_version
+
+
 def check_consumed(consumed: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
     keys = [(split, step) for split, step in consumed]
     for split, step in keys:

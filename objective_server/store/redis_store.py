@@ -53,6 +53,7 @@ from objective_server.store.protocol import (
     UnknownMixtureVersion,
     UnknownRun,
     check_consumed,
+    check_expected_version,
     check_new_run_name,
     check_probabilities,
     check_step,
@@ -420,8 +421,7 @@ class RedisRunStore:
         meta: dict | None = None,
         created_at_step: int | None = None,
     ) -> CommitOutcome:
-        if isinstance(expected_version, bool) or not isinstance(expected_version, int):
-            raise ValueError(f"expected_version must be an integer, got {expected_version!r}")
+        check_expected_version(expected_version)
         consumed_keys = check_consumed(consumed)
         args: list[object] = [expected_version, bytes(state), len(consumed_keys)]
         args += [f"{split}:{step}" for split, step in consumed_keys]
