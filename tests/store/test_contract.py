@@ -415,6 +415,14 @@ async def test_commit_is_a_compare_and_set(store, run):
     assert len(await store.mixture_history(run)) == 1
 
 
+@pytest.mark.parametrize("version", [True, "0", 0.0, None])
+async def test_commit_refuses_a_version_that_is_not_an_int(store, run, version):
+    with pytest.raises(ValueError, match="expected_version must be an integer"):
+        await store.commit_policy(run, version, b"new", [], [0.1, 0.1, 0.8])
+    assert await store.policy_state(run) == (0, b"policy-0")
+    assert len(await store.mixture_history(run)) == 1
+
+
 async def test_concurrent_commits_with_one_expected_version_have_one_winner(open_replica):
     replicas = [open_replica() for _ in range(4)]
     await replicas[0].create_run("r", CONFIG, INITIAL, b"0")
