@@ -19,7 +19,10 @@ RUN mkdir -p objective_server clients trainer \
 COPY objective_server ./objective_server
 COPY clients ./clients
 COPY trainer ./trainer
-RUN pip install --no-deps ".[server,client]"
+# The reward model's compiled loops are compiled here, once, into numba's cache beside the installed
+# module (a few seconds); every server process then loads them.
+RUN pip install --no-deps ".[server,client]" \
+    && cd / && python -c "from objective_server.policies.reward_model import warm_up; warm_up()"
 # Not root. /data holds the prepared corpus (the default corpus is prepared there on first start,
 # BIRDIE_CACHE) and is a volume in docker-compose.yml.
 RUN useradd --create-home --uid 1000 birdie && mkdir -p /data && chown birdie /data

@@ -17,18 +17,21 @@ To score many candidate actions after one shared history, `prefix_states` runs t
 prediction read is the one AT the candidate's own row (never a padding position: the public
 reference code read a padded position and every prediction was 0).
 
-Torch only (no compiled extension): histories are at most a few hundred rows, and a log-depth scan
-built from ordinary tensor ops is fast enough. The module's forward (autograd) serves inference and
-is the reference; `fit` trains with a hand-written backward pass (`_Trainer`, checked against
-autograd by the tests), because at tens of rows autograd's per-op overhead cost as much as the
-matmuls.
+The module's forward (autograd, with a log-depth scan built from tensor ops) serves inference and
+is the reference. `fit` trains with a hand-written backward pass (`_Trainer`, checked against
+autograd by the tests): at tens of rows, autograd's per-op overhead cost as much as the matmuls, so
+a step is the matmuls (MKL), the activations (PyTorch) and, for everything between them, the
+compiled loops of `reward_kernels` (numba: no compiler needed on the server).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from objective_server.policies import reward_kernels as kernels
 
 aten = torch.ops.aten  # the out= forms of the activation backwards
 
@@ -166,74 +169,35 @@ class RewardModel(nn.Module):
         return self.head(self.final_norm(x))
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """RMSNorm over the last dim as nn.RMSNorm computes it: (output, x / rms, 1 / rms)."""
-    rstd = torch.mean(x * x, dim=-1, keepdim=True).add_(eps).rsqrt_()
-    normalized = x * rstd
-    return torch.mul(normalized, weight, out=out), normalized, rstd
+class _LayerBuffers:
+    """One layer's activations for a history of T rows, kept from the forward pass for the
+    backward pass (and reused from step to step)."""
 
+    def __init__(self, length: int, width: int, dtype: torch.dtype) -> None:
+        def rows(columns: int) -> Tensor:
+            return torch.empty(length, columns, dtype=dtype)
 
-def _rms_norm_backward(grad_out: Tensor, normalized: Tensor, rstd: Tensor, weight: Tensor, grad_weight: Tensor) -> Tensor:
-    """Writes d weight into `grad_weight`; returns d input = rstd * (g - x_hat * mean(g * x_hat))
-    with g = grad_out * weight."""
-    product = grad_out * normalized
-    torch.sum(product, dim=0, out=grad_weight)
-    mean = torch.mv(product, weight).div_(weight.shape[0]).unsqueeze_(1)
-    return (grad_out * weight).addcmul_(normalized, mean, value=-1.0).mul_(rstd)
-
-
-class _ScanBuffer:
-    """The Hillis-Steele scan of `_scan` over dim 0 of (T, W) rows, in one reusable buffer.
-
-    Three slots of (carry, state) lines, each with a margin of P rows (P: the largest offset) that
-    holds the shifted-in values (carry 1, state 0), so a round is two whole-tensor ops and no
-    padding: new (carry, state) = carry * shifted (carry, state), then state += old state. Slot 0
-    holds the gates and inputs (the caller writes them in place; rounds never overwrite them);
-    rounds alternate between slots 1 and 2. `reverse` scans from the end (margin after the rows).
-    Every view is made once: at tens of rows, indexing costs as much as the arithmetic."""
-
-    def __init__(self, length: int, width: int, dtype: torch.dtype, reverse: bool) -> None:
-        margin = 1 << ((length - 1).bit_length() - 1) if length > 1 else 1
-        buffer = torch.empty(3, 2, length + margin, width, dtype=dtype)
-        rows = slice(0, length) if reverse else slice(margin, None)
-        margins = slice(length, None) if reverse else slice(0, margin)
-        buffer[:, 0, margins].fill_(1.0)
-        buffer[:, 1, margins].zero_()
-
-        def shifted(slot: int, offset: int) -> Tensor:  # rows t - offset (t + offset if reverse)
-            start = offset if reverse else margin - offset
-            return buffer[slot, :, start : start + length]
-
-        self.gates, self.inputs = buffer[0, 0, rows], buffer[0, 1, rows]
-        self.rounds: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = []
-        source, offset = 0, 1
-        while offset < length:
-            target = 2 if source == 1 else 1
-            if 2 * offset < length:  # the carry is needed again
-                multiply = (shifted(source, offset), buffer[target, :, rows])
-            else:
-                multiply = (shifted(source, offset)[1], buffer[target, 1, rows])
-            self.rounds.append((*multiply, buffer[source, 0, rows], buffer[target, 1, rows], buffer[source, 1, rows]))
-            source, offset = target, 2 * offset
-        self.states = buffer[source, 1, rows]
-        self.previous_states = shifted(source, 1)[1]  # h one row earlier (later if reverse), 0 shifted in
-
-    def run(self) -> Tensor:
-        """All states h (T, W) of the gates and inputs written into `gates` and `inputs`."""
-        for shifted, product, carry, state, old_state in self.rounds:
-            torch.mul(shifted, carry, out=product)
-            state.add_(old_state)
-        return self.states
+        self.normed, self.normalized, self.rstd = rows(width), rows(width), torch.empty(length, dtype=dtype)
+        self.pre = rows(4 * width)  # pre-activations [i | z | o | f]
+        self.input_gate, self.forget, self.output_gate = rows(width), rows(width), rows(width)
+        self.states, self.gated = rows(width), rows(width)
+        i, _, o, f = self.pre.split(width, dim=-1)
+        self.i, self.o, self.f = i, o, f
+        # NumPy views of the same memory for the compiled loops (made once: each costs a microsecond).
+        self.np = {name: getattr(self, name).numpy() for name in (
+            "normed", "normalized", "rstd", "pre", "input_gate", "forget", "output_gate", "states", "gated"
+        )}
 
 
 class _Trainer:
     """Full-batch MSE steps of a RewardModel with a hand-written backward pass.
 
     The same function as `F.mse_loss(model(rows[None])[0], targets)` and `backward()` (the tests
-    check the gradients against autograd), but without autograd's per-op bookkeeping, with the
-    scans in preallocated buffers and every gradient written in place into one flat buffer (so the
-    clipping norm is one reduction). At the history lengths of a run (tens to a few hundred rows)
-    the autograd step was mostly overhead around matmuls of a few hundred microseconds."""
+    check the gradients against autograd). Matmuls are PyTorch's (MKL), the activations PyTorch's
+    vectorised sigmoid and GeLU, and everything else the compiled loops of `reward_kernels`, into
+    buffers allocated once per history length; every gradient is written in place into one flat
+    buffer (so the clipping norm is one reduction). At the history lengths of a run, autograd's
+    step was mostly per-op overhead around matmuls of a few hundred microseconds."""
 
     def __init__(self, model: RewardModel) -> None:
         self.model = model
@@ -244,7 +208,13 @@ class _Trainer:
         for p, size in zip(self.params, sizes):
             p.grad = self.flat_grad[offset : offset + size].view_as(p)
             offset += size
-
+        # NumPy views of the parameters and gradients the compiled loops read and write (the
+        # optimizer updates the same memory in place).
+        self._weights = [(norm.weight.detach().numpy(), norm.weight.grad.numpy()) for norm in model.norms]
+        self._final = (model.final_norm.weight.detach().numpy(), model.final_norm.weight.grad.numpy())
+        self._inputs = [
+            (norm.weight.detach().numpy(), norm.weight.grad.numpy()) for norm in (model.loss_norm, model.action_norm)
+        ]
         self._length = -1
 
     def release(self) -> None:
@@ -252,14 +222,20 @@ class _Trainer:
             p.grad = None
 
     def _buffers(self, length: int, dtype: torch.dtype) -> None:
-        """Scan buffers for this history length, kept across steps: one per layer forward (its
-        states are read again in the backward pass), one reverse scan shared by the backward."""
         if length == self._length:
             return
-        width = self.model.width
-        self._forward_scans = [_ScanBuffer(length, width, dtype, reverse=False) for _ in self.model.layers]
-        self._reverse_scan = _ScanBuffer(length, width, dtype, reverse=True)
-        self._reverse_scan.gates[-1:].fill_(1.0)  # the last carry only ever meets shifted-in zeros
+        k, width = self.model.num_configs, self.model.width
+        self._layers = [_LayerBuffers(length, width, dtype) for _ in self.model.layers]
+        self._embedded = torch.empty(length, 2 * k, dtype=dtype)
+        self._input_hat = torch.empty(length, 2 * k, dtype=dtype)
+        self._input_rstd = torch.empty(2, length, dtype=dtype)
+        self._x, self._final_out, self._final_hat = (torch.empty(length, width, dtype=dtype) for _ in range(3))
+        self._final_rstd = torch.empty(length, dtype=dtype)
+        self._grad_x, self._grad_gated, self._grad_normed = (torch.empty(length, width, dtype=dtype) for _ in range(3))
+        self._grad_pre = torch.empty(length, 4 * width, dtype=dtype)
+        self._grad_embedded = torch.empty(length, 2 * k, dtype=dtype)
+        self._carry = np.empty(width, dtype=self._grad_pre.numpy().dtype)
+        self._no_input = np.empty((0, 2 * k), dtype=self._carry.dtype)
         self._length = length
 
     @torch.no_grad()
@@ -270,64 +246,65 @@ class _Trainer:
         k, width = model.num_configs, model.width
         length, dtype = rows.shape[0], rows.dtype
         self._buffers(length, dtype)
-        losses, actions = rows.split(k, dim=-1)
-        embedded_in = torch.empty(length, 2 * k, dtype=dtype)
-        _, loss_hat, loss_rstd = _rms_norm(losses, model.loss_norm.weight, model.loss_norm.eps, embedded_in[:, :k])
-        _, action_hat, action_rstd = _rms_norm(
-            actions, model.action_norm.weight, model.action_norm.eps, embedded_in[:, k:]
-        )
-        x = torch.addmm(model.embed.bias, embedded_in, model.embed.weight.t())
-        saved = []
-        for norm, layer, scan in zip(model.norms, model.layers, self._forward_scans):
-            normed, normalized, rstd = _rms_norm(x, norm.weight, norm.eps)
-            pre = torch.addmm(layer.gates.bias, normed, layer.gates.weight.t())
-            i, z, o, f = pre.split(width, dim=-1)
-            forget = torch.sigmoid(f, out=scan.gates)
-            input_gate = torch.sigmoid(i)
-            torch.mul(input_gate, z, out=scan.inputs)
-            output_gate = F.gelu(o)
-            states, previous_states = scan.run(), scan.previous_states
-            gated = output_gate * states
-            x = x.addmm_(gated, layer.out.weight.t()).add_(layer.out.bias)  # x itself is not saved
-            saved.append((normed, normalized, rstd, pre, input_gate, forget, output_gate, states, previous_states, gated))
-        final_out, final_hat, final_rstd = _rms_norm(x, model.final_norm.weight, model.final_norm.eps)
-        error = torch.addmm(model.head.bias, final_out, model.head.weight.t()).sub_(targets)
+        rows_np, embedded = rows.numpy(), self._embedded.numpy()
+        input_hat, input_rstd = self._input_hat.numpy(), self._input_rstd.numpy()
+        for half, (norm, (weight, _)) in enumerate(zip((model.loss_norm, model.action_norm), self._inputs)):
+            columns = slice(half * k, (half + 1) * k)
+            kernels.rms_norm_forward(
+                rows_np[:, columns], weight, norm.eps, embedded[:, columns], input_hat[:, columns], input_rstd[half]
+            )
+        x = torch.addmm(model.embed.bias, self._embedded, model.embed.weight.t(), out=self._x)
+        x_np = x.numpy()
+        for norm, layer, buffers, (weight, _) in zip(model.norms, model.layers, self._layers, self._weights):
+            b = buffers.np
+            kernels.rms_norm_forward(x_np, weight, norm.eps, b["normed"], b["normalized"], b["rstd"])
+            torch.addmm(layer.gates.bias, buffers.normed, layer.gates.weight.t(), out=buffers.pre)
+            torch.sigmoid(buffers.i, out=buffers.input_gate)
+            torch.sigmoid(buffers.f, out=buffers.forget)
+            aten.gelu.out(buffers.o, out=buffers.output_gate)
+            kernels.gated_scan_forward(b["pre"], b["input_gate"], b["forget"], b["output_gate"], b["states"], b["gated"])
+            x.addmm_(buffers.gated, layer.out.weight.t()).add_(layer.out.bias)
+        final_weight, final_grad = self._final
+        final_out, final_hat, final_rstd = self._final_out.numpy(), self._final_hat.numpy(), self._final_rstd.numpy()
+        kernels.rms_norm_forward(x_np, final_weight, model.final_norm.eps, final_out, final_hat, final_rstd)
+        error = torch.addmm(model.head.bias, self._final_out, model.head.weight.t()).sub_(targets)
         loss = torch.mean(error * error)
 
         grad_pred = error.mul_(2.0 / error.numel())  # d MSE / d prediction
-        torch.mm(grad_pred.t(), final_out, out=model.head.weight.grad)
+        torch.mm(grad_pred.t(), self._final_out, out=model.head.weight.grad)
         torch.sum(grad_pred, dim=0, out=model.head.bias.grad)
-        grad_x = _rms_norm_backward(
-            grad_pred @ model.head.weight, final_hat, final_rstd, model.final_norm.weight, model.final_norm.weight.grad
-        )
-        grad_pre = torch.empty(length, 4 * width, dtype=dtype)
-        grad_i, grad_z, grad_o, grad_f = grad_pre.split(width, dim=-1)  # written in place below
-        for norm, layer, layer_saved in zip(reversed(model.norms), reversed(model.layers), reversed(saved)):
-            normed, normalized, rstd, pre, input_gate, forget, output_gate, states, previous_states, gated = layer_saved
-            torch.mm(grad_x.t(), gated, out=layer.out.weight.grad)
+        grad_final = torch.mm(grad_pred, model.head.weight, out=self._grad_normed).numpy()
+        grad_x = self._grad_x
+        kernels.rms_norm_backward(grad_final, final_hat, final_rstd, final_weight, final_grad, grad_x.numpy(), False)
+        grad_gated, grad_normed, grad_pre = self._grad_gated, self._grad_normed, self._grad_pre
+        grad_o = grad_pre[:, 2 * width : 3 * width]
+        for norm, layer, buffers, (weight, weight_grad) in zip(
+            reversed(model.norms), reversed(model.layers), reversed(self._layers), reversed(self._weights)
+        ):
+            b = buffers.np
+            torch.mm(grad_x.t(), buffers.gated, out=layer.out.weight.grad)
             torch.sum(grad_x, dim=0, out=layer.out.bias.grad)
-            grad_gated = grad_x @ layer.out.weight
-            # The scan's backward is a reverse scan: d u_t = d h_t + f_{t+1} d u_{t+1}, and
-            # d f_t = d u_t h_{t-1}.
-            reverse = self._reverse_scan
-            reverse.gates[:-1].copy_(forget[1:])
-            torch.mul(grad_gated, output_gate, out=reverse.inputs)
-            grad_update = reverse.run()
-            _, z, o, _ = pre.split(width, dim=-1)
-            aten.sigmoid_backward.grad_input(grad_update * z, input_gate, grad_input=grad_i)
-            torch.mul(grad_update, input_gate, out=grad_z)
-            aten.gelu_backward.grad_input(grad_gated * states, o, grad_input=grad_o)
-            aten.sigmoid_backward.grad_input(grad_update * previous_states, forget, grad_input=grad_f)
-            torch.mm(grad_pre.t(), normed, out=layer.gates.weight.grad)
+            torch.mm(grad_x, layer.out.weight, out=grad_gated)
+            kernels.gated_scan_backward(
+                grad_gated.numpy(), b["pre"], b["input_gate"], b["forget"], b["output_gate"], b["states"],
+                grad_pre.numpy(), self._carry,
+            )
+            aten.gelu_backward.grad_input(grad_o, buffers.o, grad_input=grad_o)
+            torch.mm(grad_pre.t(), buffers.normed, out=layer.gates.weight.grad)
             torch.sum(grad_pre, dim=0, out=layer.gates.bias.grad)
-            grad_x.add_(_rms_norm_backward(grad_pre @ layer.gates.weight, normalized, rstd, norm.weight, norm.weight.grad))
-        torch.mm(grad_x.t(), embedded_in, out=model.embed.weight.grad)
+            torch.mm(grad_pre, layer.gates.weight, out=grad_normed)
+            kernels.rms_norm_backward(
+                grad_normed.numpy(), b["normalized"], b["rstd"], weight, weight_grad, grad_x.numpy(), True
+            )
+        torch.mm(grad_x.t(), self._embedded, out=model.embed.weight.grad)
         torch.sum(grad_x, dim=0, out=model.embed.bias.grad)
-        grad_embedded = grad_x @ model.embed.weight
-        _rms_norm_backward(grad_embedded[:, :k], loss_hat, loss_rstd, model.loss_norm.weight, model.loss_norm.weight.grad)
-        _rms_norm_backward(
-            grad_embedded[:, k:], action_hat, action_rstd, model.action_norm.weight, model.action_norm.weight.grad
-        )
+        grad_embedded = torch.mm(grad_x, model.embed.weight, out=self._grad_embedded).numpy()
+        for half, (weight, weight_grad) in enumerate(self._inputs):  # only the norm weights need gradients
+            columns = slice(half * k, (half + 1) * k)
+            kernels.rms_norm_backward(
+                grad_embedded[:, columns], input_hat[:, columns], input_rstd[half], weight, weight_grad,
+                self._no_input, False,
+            )
         return loss
 
     def clip(self, max_norm: float) -> None:
@@ -369,3 +346,11 @@ def fit(
 def make_optimizer(model: RewardModel, lr: float = 5e-4, weight_decay: float = 0.1) -> torch.optim.AdamW:
     # fused: one kernel per step over all parameters; about 4x faster than the loop on one CPU core.
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def warm_up() -> None:
+    """Compiles the training step's loops (or loads them from numba's cache) with one step of a tiny
+    float32 model: the Docker image does this at build time. Leaves the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        model = RewardModel(2, width=8, layers=1)
+        fit(model, make_optimizer(model), torch.zeros(3, 4), torch.zeros(3, 2), steps=1)

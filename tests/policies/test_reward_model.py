@@ -119,21 +119,24 @@ def autograd_gradients(model: RewardModel, rows: torch.Tensor, targets: torch.Te
     return loss.item(), [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("length", [1, 2, 3, 9, 33])
-def test_training_step_gradients_equal_autograd(length: int) -> None:
+@pytest.mark.parametrize(
+    ("length", "k", "width"), [(1, 4, 16), (2, 4, 16), (3, 4, 16), (9, 4, 16), (33, 4, 16), (9, 11, 20)]
+)
+def test_training_step_gradients_equal_autograd(length: int, k: int, width: int) -> None:
     """fit's hand-written backward pass must be exactly the model's MSE gradient, at every step
-    (its buffers are reused from step to step), and with forget gates at 0 and 1."""
+    (its buffers are reused from step to step), and with forget gates at 0 and 1. Widths that are
+    not a multiple of the compiled row sums' lanes (K = 11, width 20) take their tail loops."""
 
     torch.manual_seed(length)
-    model = RewardModel(4, width=16, layers=2).double()
+    model = RewardModel(k, width=width, layers=2).double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
         # Saturate some forget gates (pre-activations around -60 and +60).
         model.layers[0].gates.bias[-16:-12] = -60.0
         model.layers[1].gates.bias[-4:] = 60.0
-    rows = torch.rand(length, 8, dtype=torch.float64) * 3
-    targets = torch.randn(length, 4, dtype=torch.float64)
+    rows = torch.rand(length, 2 * k, dtype=torch.float64) * 3
+    targets = torch.randn(length, k, dtype=torch.float64)
     trainer = _Trainer(model)
     for _ in range(2):
         expected_loss, expected = autograd_gradients(model, rows, targets)
