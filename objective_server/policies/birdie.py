@@ -40,7 +40,8 @@ from objective_server.rng import key_of, keyed_rng
 from objective_server.runs import RunConfig, control_step
 from objective_server.store.protocol import Aggregate
 
-STATE_MAGIC = b"birdie-policy-v1"
+# v2: the reward model's optimizer state is one flat tensor (reward_model.make_optimizer).
+STATE_MAGIC = b"birdie-policy-v2"
 _HEADER_LENGTH = struct.Struct("<Q")
 
 
@@ -181,6 +182,9 @@ def encode_state(header: dict[str, Any], tensors: dict[str, Any] | None) -> byte
 def decode_header(state: bytes) -> tuple[dict[str, Any], int]:
     """The JSON header and the offset of the tensor blob."""
     if not state.startswith(STATE_MAGIC):
+        if state.startswith(STATE_MAGIC[:-1]):
+            found = state[: len(STATE_MAGIC)].decode(errors="replace")
+            raise ValueError(f"birdie policy state format {found!r} is not this server's {STATE_MAGIC.decode()!r}")
         raise ValueError("not a birdie policy state (wrong magic)")
     start = len(STATE_MAGIC) + _HEADER_LENGTH.size
     (length,) = _HEADER_LENGTH.unpack_from(state, len(STATE_MAGIC))

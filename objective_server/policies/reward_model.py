@@ -199,15 +199,23 @@ class _Trainer:
     buffer (so the clipping norm is one reduction). At the history lengths of a run, autograd's
     step was mostly per-op overhead around matmuls of a few hundred microseconds."""
 
-    def __init__(self, model: RewardModel) -> None:
+    def __init__(self, model: RewardModel, flat: Tensor | None = None) -> None:
+        """With `flat` (the optimizer's one tensor, see `make_optimizer`), the parameters take their
+        values into it and become views of it, and its gradient is the flat gradient buffer."""
         self.model = model
         self.params = list(model.parameters())
-        sizes = [p.numel() for p in self.params]
-        self.flat_grad = torch.zeros(sum(sizes), dtype=self.params[0].dtype)
+        self.flat = flat
+        self.flat_grad = torch.zeros(_parameter_count(model), dtype=self.params[0].dtype)
         offset = 0
-        for p, size in zip(self.params, sizes):
+        for p in self.params:
+            size = p.numel()
+            if flat is not None:
+                flat[offset : offset + size].copy_(p.detach().reshape(-1))
+                p.data = flat[offset : offset + size].view_as(p)
             p.grad = self.flat_grad[offset : offset + size].view_as(p)
             offset += size
+        if flat is not None:
+            flat.grad = self.flat_grad
         # NumPy views of the parameters and gradients the compiled loops read and write (the
         # optimizer updates the same memory in place).
         self._weights = [(norm.weight.detach().numpy(), norm.weight.grad.numpy()) for norm in model.norms]
@@ -220,6 +228,8 @@ class _Trainer:
     def release(self) -> None:
         for p in self.params:
             p.grad = None
+        if self.flat is not None:
+            self.flat.grad = None
 
     def _buffers(self, length: int, dtype: torch.dtype) -> None:
         if length == self._length:
@@ -331,7 +341,7 @@ def fit(
         raise ValueError("cannot fit the reward model on an empty history")
     model.train()
     loss = torch.tensor(float("nan"))
-    trainer = _Trainer(model)
+    trainer = _Trainer(model, _flat_parameter(optimizer, model))
     try:
         for _ in range(steps):
             loss = trainer.step(rows, targets)
@@ -343,9 +353,26 @@ def fit(
     return float(loss)
 
 
+def _parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def make_optimizer(model: RewardModel, lr: float = 5e-4, weight_decay: float = 0.1) -> torch.optim.AdamW:
-    # fused: one kernel per step over all parameters; about 4x faster than the loop on one CPU core.
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    """AdamW over ONE flat tensor of all the model's parameters (every one decays): `fit` copies the
+    parameters into it and makes them views of it. One tensor is one fused kernel a step with no
+    per-parameter bookkeeping (about 0.3 ms a step less than 27 tensors), and its state is three
+    tensors to store."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.optim.AdamW([flat], lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def _flat_parameter(optimizer: torch.optim.Optimizer, model: nn.Module) -> Tensor:
+    """The one tensor of an optimizer from `make_optimizer` for this model."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    first = next(model.parameters())
+    if len(params) != 1 or params[0].numel() != _parameter_count(model) or params[0].dtype != first.dtype:
+        raise ValueError("the optimizer must be make_optimizer(model) for this model: one flat tensor of its parameters")
+    return params[0]
 
 
 def warm_up() -> None:

@@ -356,6 +356,8 @@ def test_bad_input_is_rejected_with_a_clear_error_and_late_evaluations_ignored()
         policy.update(state, validation(60, {}))
     with pytest.raises(ValueError, match="magic"):
         policy.update(b"{}", validation(60, uniform_losses(4.0)))
+    with pytest.raises(ValueError, match="format 'birdie-policy-v1' is not this server's"):
+        policy.update(b"birdie-policy-v1" + state[len(b"birdie-policy-v2") :], validation(60, uniform_losses(4.0)))
     other = RunConfig(name="other", arms=[a.model_dump() for a in config.arms[:3]], total_steps=400)
     with pytest.raises(ValueError, match="other objective configurations"):
         BirdiePolicy(other, **FAST).describe(state)

@@ -157,7 +157,8 @@ def test_fit_clips_the_gradient_norm_like_torch() -> None:
     reference, model = RewardModel(3, width=16, layers=2), RewardModel(3, width=16, layers=2)
     model.load_state_dict(reference.state_dict())
     rows, targets = torch.rand(6, 6) * 4, torch.randn(6, 3) * 10  # large errors: clipping is active
-    optimizer, reference_optimizer = make_optimizer(model), make_optimizer(reference)
+    optimizer = make_optimizer(model)  # one flat tensor; the reference is torch's per-parameter AdamW
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=5e-4, weight_decay=0.1)
     loss = torch.nn.functional.mse_loss(reference(rows[None])[0], targets)
     loss.backward()
     assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0) > 1.0
@@ -171,3 +172,32 @@ def test_fit_on_an_empty_history_is_an_error() -> None:
     model = small_model(k=2)
     with pytest.raises(ValueError, match="empty"):
         fit(model, make_optimizer(model), torch.zeros(0, 4), torch.zeros(0, 2), steps=1)
+
+
+def test_fit_resumes_exactly_from_a_saved_model_and_optimizer() -> None:
+    """Five steps in one go equal three steps, a save and load into a new model and optimizer, and
+    two more: bit for bit (the policy's replicas continue each other this way)."""
+    torch.manual_seed(4)
+    rows, targets = torch.rand(8, 6) * 3, torch.randn(8, 3)
+    straight = RewardModel(3, width=16, layers=2)
+    first = copy.deepcopy(straight)
+    fit(straight, make_optimizer(straight), rows, targets, steps=5)
+
+    optimizer = make_optimizer(first)
+    fit(first, optimizer, rows, targets, steps=3)
+    saved = copy.deepcopy({"model": first.state_dict(), "optimizer": optimizer.state_dict()})
+    resumed = RewardModel(3, width=16, layers=2)
+    resumed_optimizer = make_optimizer(resumed)
+    resumed.load_state_dict(saved["model"])
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    fit(resumed, resumed_optimizer, rows, targets, steps=2)
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_fit_needs_the_models_own_flat_optimizer() -> None:
+    model, other = small_model(k=3), small_model(k=4)
+    rows, targets = torch.rand(4, 6), torch.rand(4, 3)
+    for optimizer in (torch.optim.AdamW(model.parameters()), make_optimizer(other)):
+        with pytest.raises(ValueError, match="make_optimizer"):
+            fit(model, optimizer, rows, targets, steps=1)
