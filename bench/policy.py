@@ -4,11 +4,13 @@ For K = 8, 32, 128 objective configurations and a history of 10, 50, 200 evaluat
 policy state with that history (synthetic falling losses, trained reward-model weights and
 optimiser state included), then times one more update with the paper's defaults (2048 candidates,
 top 8, 200 AdamW steps, width 256, 4 layers) on the exploiting path, which is the expensive one.
-Columns: the whole update (wall and CPU seconds: on a busy shared machine the CPU time of the one
-thread is the fairer number); the same with train_steps=0 (candidate ranking and
-(de)serialisation only); the state size. Prints numbers; asserts nothing.
+Columns: the whole update (best and median wall seconds over --repeat tries, and the best CPU
+seconds: on a shared machine neighbours' memory traffic moves these by 20 % or more from minute to
+minute, so take the best of several tries, and compare versions interleaved); the same with
+train_steps=0 (candidate ranking and (de)serialisation only); the state size. Prints numbers;
+asserts nothing.
 
-    python bench/policy.py [--configs 8 32 128] [--history 10 50 200] [--repeat 1]
+    python bench/policy.py [--configs 8 32 128] [--history 10 50 200] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -60,42 +62,42 @@ def state_with_history(config: RunConfig, evaluations: int) -> bytes:
     return warm.update(encode_state(header, None), observation(config, 10 * evaluations, rng)).state
 
 
-def time_update(config: RunConfig, state: bytes, step: int, repeat: int, **options) -> tuple[float, float]:
-    """Best (wall, CPU) seconds of one update over `repeat` tries."""
+def time_update(config: RunConfig, state: bytes, step: int, repeat: int, **options) -> tuple[float, float, float]:
+    """(best wall, median wall, best CPU) seconds of one update over `repeat` tries."""
     policy = BirdiePolicy(config, **EXPLOIT, **options)
     rng = np.random.default_rng(1)
-    wall = cpu = float("inf")
+    walls, cpus = [], []
     for _ in range(repeat):
         obs = observation(config, step, rng)
         start, start_cpu = time.perf_counter(), time.process_time()
         decision = policy.update(state, obs)
-        wall = min(wall, time.perf_counter() - start)
-        cpu = min(cpu, time.process_time() - start_cpu)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - start_cpu)
         assert decision.probabilities is not None
-    return wall, cpu
+    return min(walls), float(np.median(walls)), min(cpus)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--history", type=int, nargs="+", default=[10, 50, 200])
-    parser.add_argument("--repeat", type=int, default=1, help="updates per cell; the best is shown")
+    parser.add_argument("--repeat", type=int, default=3, help="updates per cell: best and median shown")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, 1 thread")
-    print(f"{'K':>5} {'evaluations':>11} {'rows':>5} {'update wall s':>13} {'update cpu s':>12} "
-          f"{'no-train cpu s':>14} {'state MB':>9}")
+    print(f"{'K':>5} {'evaluations':>11} {'rows':>5} {'update wall s':>13} {'median wall s':>13} "
+          f"{'update cpu s':>12} {'no-train cpu s':>14} {'state MB':>9}")
     for configs in args.configs:
         for evaluations in args.history:
             config = run_config(configs, total_steps=10 * (evaluations + 10))
             state = state_with_history(config, evaluations)
             step = 10 * (evaluations + 1)
-            wall, cpu = time_update(config, state, step, args.repeat)
-            _, choose_cpu = time_update(config, state, step, args.repeat, train_steps=0)
+            wall, median, cpu = time_update(config, state, step, args.repeat)
+            *_, choose_cpu = time_update(config, state, step, args.repeat, train_steps=0)
             rows = evaluations  # completed rows the timed update trains on
-            print(f"{configs:>5} {evaluations:>11} {rows:>5} {wall:>13.2f} {cpu:>12.2f} {choose_cpu:>14.2f} "
-                  f"{len(state) / 1e6:>9.1f}", flush=True)
+            print(f"{configs:>5} {evaluations:>11} {rows:>5} {wall:>13.2f} {median:>13.2f} {cpu:>12.2f} "
+                  f"{choose_cpu:>14.2f} {len(state) / 1e6:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":
