@@ -19,17 +19,19 @@ RUN mkdir -p objective_server clients trainer \
 COPY objective_server ./objective_server
 COPY clients ./clients
 COPY trainer ./trainer
-# The reward model's compiled loops are compiled here, once, into numba's cache beside the installed
-# module (a few seconds); every server process then loads them.
-RUN pip install --no-deps ".[server,client]" \
-    && cd / && python -c "from objective_server.policies.reward_model import warm_up; warm_up()"
+RUN pip install --no-deps ".[server,client]"
 # Not root. /data holds the prepared corpus (the default corpus is prepared there on first start,
 # BIRDIE_CACHE) and is a volume in docker-compose.yml.
 RUN useradd --create-home --uid 1000 birdie && mkdir -p /data && chown birdie /data
 USER birdie
 ENV BIRDIE_CACHE=/data/cache \
     BIRDIE_HOST=0.0.0.0 \
-    BIRDIE_PORT=8000
+    BIRDIE_PORT=8000 \
+    NUMBA_CACHE_DIR=/home/birdie/.cache/numba
+# The reward model's compiled loops, compiled once here into numba's cache (a few seconds) for the
+# installed module (hence `cd /`), so server processes only load them. On a host whose CPU differs
+# from the build host's, the first policy update compiles them again into the same, writable, cache.
+RUN cd / && python -c "from objective_server.policies.reward_model import warm_up; warm_up()"
 EXPOSE 8000
 CMD ["birdie-server", "serve", "--preset", "birdie"]
 
