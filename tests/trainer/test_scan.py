@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -432,6 +433,38 @@ def test_jit_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path)
     assert extension.build_root().parent == tmp_path
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     assert extension.build_root().is_relative_to(Path.home() / ".cache" / "birdie" / "ext")
+
+
+@pytest.mark.slow
+def test_install_time_build_is_the_backend_it_loads(tmp_path):
+    """`BIRDIE_BUILD_EXT=1` makes setup.py build the C++ backend as trainer.scan._scan_cpu (here
+    in place, in a copy of the project), and the extension loader then takes it instead of a just-in-
+    time build, with the same results."""
+    root = Path(__file__).resolve().parents[2]
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(root / "trainer", tmp_path / "trainer", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    env = {**os.environ, "BIRDIE_BUILD_EXT": "1"}
+    build = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert list((tmp_path / "trainer" / "scan").glob("_scan_cpu*.so"))
+    check = (
+        "import torch\n"
+        "from trainer.scan import extension, linear_scan, linear_scan_reference\n"
+        "extension._jit_build = None  # a just-in-time build would fail loudly\n"
+        "module = extension.cpu_backend()\n"
+        "assert module.__name__ == 'trainer.scan._scan_cpu', module.__name__\n"
+        "assert module.__file__.startswith(%r), module.__file__\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "a, x = torch.rand(2, 300, 40, generator=g), torch.randn(2, 300, 40, generator=g)\n"
+        "error = (linear_scan(a, x).double() - linear_scan_reference(a.double(), x.double())).abs().max()\n"
+        "assert error < 1e-5, float(error)\n"
+    ) % str(tmp_path)
+    run = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.mark.slow
