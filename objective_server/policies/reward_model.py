@@ -218,11 +218,12 @@ class _Trainer:
             flat.grad = self.flat_grad
         # NumPy views of the parameters and gradients the compiled loops read and write (the
         # optimizer updates the same memory in place).
-        self._weights = [(norm.weight.detach().numpy(), norm.weight.grad.numpy()) for norm in model.norms]
-        self._final = (model.final_norm.weight.detach().numpy(), model.final_norm.weight.grad.numpy())
-        self._inputs = [
-            (norm.weight.detach().numpy(), norm.weight.grad.numpy()) for norm in (model.loss_norm, model.action_norm)
-        ]
+        def weight_and_grad(norm: nn.RMSNorm) -> tuple[np.ndarray, np.ndarray]:
+            return norm.weight.detach().numpy(), norm.weight.grad.numpy()
+
+        self._weights = [weight_and_grad(norm) for norm in model.norms]
+        self._final = weight_and_grad(model.final_norm)
+        self._inputs = [weight_and_grad(norm) for norm in (model.loss_norm, model.action_norm)]
         self._length = -1
 
     def release(self) -> None:
@@ -288,8 +289,8 @@ class _Trainer:
         kernels.rms_norm_backward(grad_final, final_hat, final_rstd, final_weight, final_grad, grad_x.numpy(), False)
         grad_gated, grad_normed, grad_pre = self._grad_gated, self._grad_normed, self._grad_pre
         grad_o = grad_pre[:, 2 * width : 3 * width]
-        for norm, layer, buffers, (weight, weight_grad) in zip(
-            reversed(model.norms), reversed(model.layers), reversed(self._layers), reversed(self._weights)
+        for layer, buffers, (weight, weight_grad) in zip(
+            reversed(model.layers), reversed(self._layers), reversed(self._weights)
         ):
             b = buffers.np
             torch.mm(grad_x.t(), buffers.gated, out=layer.out.weight.grad)
