@@ -34,14 +34,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from objective_server.policies.base import Decision, Policy
-from objective_server.policies.reward_model import RewardModel, fit, make_optimizer
+from objective_server.policies.reward_model import RewardModel, fit, flat_optimizer_state, make_optimizer
 from objective_server.policies.rewards import family_rewards, family_weights, loss_reward, total_reward
 from objective_server.rng import key_of, keyed_rng
 from objective_server.runs import RunConfig, control_step
 from objective_server.store.protocol import Aggregate
 
-# v2: the reward model's optimizer state is one flat tensor (reward_model.make_optimizer).
+# v2: the reward model's optimizer state is one flat tensor (reward_model.make_optimizer). A v1
+# state (one optimizer state per parameter) is read and converted, so runs continue across upgrades.
 STATE_MAGIC = b"birdie-policy-v2"
+_V1_MAGIC = b"birdie-policy-v1"
 _HEADER_LENGTH = struct.Struct("<Q")
 
 
@@ -181,10 +183,7 @@ def encode_state(header: dict[str, Any], tensors: dict[str, Any] | None) -> byte
 
 def decode_header(state: bytes) -> tuple[dict[str, Any], int]:
     """The JSON header and the offset of the tensor blob."""
-    if not state.startswith(STATE_MAGIC):
-        if state.startswith(STATE_MAGIC[:-1]):
-            found = state[: len(STATE_MAGIC)].decode(errors="replace")
-            raise ValueError(f"birdie policy state format {found!r} is not this server's {STATE_MAGIC.decode()!r}")
+    if not state.startswith((STATE_MAGIC, _V1_MAGIC)):
         raise ValueError("not a birdie policy state (wrong magic)")
     start = len(STATE_MAGIC) + _HEADER_LENGTH.size
     (length,) = _HEADER_LENGTH.unpack_from(state, len(STATE_MAGIC))
@@ -195,7 +194,10 @@ def decode_tensors(state: bytes, offset: int) -> dict[str, Any] | None:
     if offset >= len(state):
         return None
     # weights_only: the state comes from a shared store, so never unpickle arbitrary objects.
-    return torch.load(io.BytesIO(state[offset:]), weights_only=True)
+    tensors = torch.load(io.BytesIO(state[offset:]), weights_only=True)
+    if state.startswith(_V1_MAGIC):
+        tensors["optimizer"] = flat_optimizer_state(tensors["optimizer"])
+    return tensors
 
 
 # --- the policy ---------------------------------------------------------------------------------

@@ -367,6 +367,24 @@ def make_optimizer(model: RewardModel, lr: float = 5e-4, weight_decay: float = 0
     return torch.optim.AdamW([flat], lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def flat_optimizer_state(per_parameter: dict) -> dict:
+    """The state dict of a `make_optimizer` AdamW from that of an AdamW over the model's parameters
+    one by one (in `model.parameters()` order, as policy states before v2 hold): the moments
+    concatenated in that order, the one step count they all share."""
+    (group,) = per_parameter["param_groups"]
+    states = [per_parameter["state"][i] for i in group["params"] if i in per_parameter["state"]]
+    flat_group = {**group, "params": [0]}
+    if not states:  # never stepped
+        return {"state": {}, "param_groups": [flat_group]}
+    if len(states) != len(group["params"]) or len({float(s["step"]) for s in states}) != 1:
+        raise ValueError("per-parameter optimizer state with missing or unequal steps cannot be flattened")
+    flat = {
+        "step": states[0]["step"].clone(),  # not the caller's tensor: the optimizer steps it in place
+        **{key: torch.cat([s[key].reshape(-1) for s in states]) for key in ("exp_avg", "exp_avg_sq")},
+    }
+    return {"state": {0: flat}, "param_groups": [flat_group]}
+
+
 def _flat_parameter(optimizer: torch.optim.Optimizer, model: nn.Module) -> Tensor:
     """The one tensor of an optimizer from `make_optimizer` for this model."""
     params = [p for group in optimizer.param_groups for p in group["params"]]

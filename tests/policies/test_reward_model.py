@@ -7,7 +7,14 @@ import copy
 import pytest
 import torch
 
-from objective_server.policies.reward_model import RewardModel, _Trainer, fit, linear_recurrence, make_optimizer
+from objective_server.policies.reward_model import (
+    RewardModel,
+    _Trainer,
+    fit,
+    flat_optimizer_state,
+    linear_recurrence,
+    make_optimizer,
+)
 
 
 def sequential(gates: torch.Tensor, inputs: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,3 +208,35 @@ def test_fit_needs_the_models_own_flat_optimizer() -> None:
     for optimizer in (torch.optim.AdamW(model.parameters()), make_optimizer(other)):
         with pytest.raises(ValueError, match="make_optimizer"):
             fit(model, optimizer, rows, targets, steps=1)
+
+
+def test_flat_optimizer_state_from_per_parameter_adamw() -> None:
+    """The conversion of an older per-parameter AdamW state continues training as that optimizer
+    would (to float32 rounding: autograd there, the hand-written backward here), keeps a
+    never-stepped state empty, and refuses parameters at different step counts."""
+    torch.manual_seed(6)
+    rows, targets = torch.rand(5, 6), torch.randn(5, 3)
+    reference = RewardModel(3, width=16, layers=2)
+    model = copy.deepcopy(reference)
+    per_parameter = torch.optim.AdamW(reference.parameters(), lr=5e-4, weight_decay=0.1, fused=True)
+    assert flat_optimizer_state(per_parameter.state_dict())["state"] == {}
+    for _ in range(3):  # three per-parameter steps, as a v1 policy state holds them
+        per_parameter.zero_grad()
+        torch.nn.functional.mse_loss(reference(rows[None])[0], targets).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        per_parameter.step()
+    model.load_state_dict(reference.state_dict())
+    optimizer = make_optimizer(model)
+    optimizer.load_state_dict(flat_optimizer_state(per_parameter.state_dict()))
+    fit(model, optimizer, rows, targets, steps=1)
+    per_parameter.zero_grad()
+    torch.nn.functional.mse_loss(reference(rows[None])[0], targets).backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    per_parameter.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+    state = per_parameter.state_dict()
+    state["state"][1]["step"] = state["state"][1]["step"] + 1
+    with pytest.raises(ValueError, match="unequal steps"):
+        flat_optimizer_state(state)
