@@ -64,12 +64,7 @@ void forward_typed(const at::Tensor& a, const at::Tensor& x, const std::optional
   p.T = a.size(1);
   p.D = a.size(2);
   p.split = split;
-  const int64_t strides[] = {p.a_sb, p.a_st, p.x_sb, p.x_st};
-  const void* ptrs[] = {p.a, p.x, p.h0, p.h};
-  const int bytes[] = {sizeof(DG), sizeof(DX), sizeof(DG), sizeof(DX)};
-  const int max_vec = sizeof(DG) == 8 ? 2 : 4;
-  const birdie_scan::Tile tile = birdie_scan::choose_tile(
-      p.B, p.D, split, max_vec, sizeof(DX), strides, 4, ptrs, bytes, 4, sm_count(a), requested);
+  const birdie_scan::Tile tile = birdie_scan::choose_tile(p, sm_count(a), requested);
   check_launch(birdie_scan::launch_forward(p, tile, c10::cuda::getCurrentCUDAStream().stream()),
                "linear_scan forward kernel");
 }
@@ -98,13 +93,7 @@ void backward_typed(const at::Tensor& a, const at::Tensor& h, const at::Tensor& 
   p.T = a.size(1);
   p.D = a.size(2);
   p.split = split;
-  const int64_t strides[] = {p.a_sb, p.a_st, p.h_sb, p.h_st, p.dh_sb, p.dh_st};
-  const void* ptrs[] = {p.a, p.h, p.dh, p.h0, p.da, p.dx, p.dh0};
-  const int bytes[] = {sizeof(DG), sizeof(DX), sizeof(DX), sizeof(DG),
-                       sizeof(DG), sizeof(DX), sizeof(DG)};
-  const int max_vec = sizeof(DG) == 8 ? 2 : 4;
-  const birdie_scan::Tile tile = birdie_scan::choose_tile(
-      p.B, p.D, split, max_vec, sizeof(DX), strides, 6, ptrs, bytes, 7, sm_count(a), requested);
+  const birdie_scan::Tile tile = birdie_scan::choose_tile(p, sm_count(a), requested);
   check_launch(birdie_scan::launch_backward(p, tile, c10::cuda::getCurrentCUDAStream().stream()),
                "linear_scan backward kernel");
 }

@@ -20,7 +20,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace birdie_scan {
 
@@ -178,8 +180,9 @@ struct BackwardParams {
 // buffer must have reached first.
 template <typename G, int VEC>
 __device__ __forceinline__ void combine_round(const G (&prod)[VEC], const G (&end_state)[VEC],
-                                              G (&carry)[VEC], G (&start)[VEC], G* smem,
-                                              int& buffer) {
+                                              G (&carry)[VEC], G (&start)[VEC], int& buffer) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  G* smem = reinterpret_cast<G*>(smem_raw);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
@@ -208,6 +211,32 @@ __device__ __forceinline__ void combine_round(const G (&prod)[VEC], const G (&en
 #pragma unroll
   for (int v = 0; v < VEC; ++v) carry[v] = running[v];
   buffer ^= 1;
+}
+
+// Where a thread works: batch row b and the first of its VEC channels, c0. The host picks
+// VEC dividing D and split, so all VEC channels exist (active) and share one direction.
+struct Lanes {
+  int64_t b, c0;
+  bool active, reverse;
+};
+
+template <int VEC>
+__device__ __forceinline__ Lanes thread_lanes(int lane, int64_t D, int64_t split) {
+  const int64_t tiles = (D + 32 * VEC - 1) / (32 * VEC);
+  const int64_t b = blockIdx.x / tiles;
+  const int64_t c0 = ((blockIdx.x % tiles) * 32 + lane) * VEC;
+  return Lanes{b, c0, c0 < D, c0 >= split};
+}
+
+// The state before this thread's first step: h0 (contiguous (B, D), at `offset`), or zeros.
+template <typename G, int VEC>
+__device__ __forceinline__ void load_initial_state(const G* h0, bool active, int64_t offset, G (&out)[VEC]) {
+  if (active && h0 != nullptr) {
+    load_widened<G, G, VEC>(h0 + offset, out);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) out[v] = G(0);
+  }
 }
 
 // One warp's loads of one forward round: STEPS steps of VEC channels, in storage types.
@@ -243,27 +272,16 @@ __device__ __forceinline__ void load_forward_round(ForwardLoads<G, X, VEC, STEPS
 template <typename G, typename X, int VEC, int STEPS, bool PREFETCH>
 __global__ void __launch_bounds__(512)
     linear_scan_forward_kernel(const ForwardParams<G, X> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  G* smem = reinterpret_cast<G*>(smem_raw);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
-  const int64_t tiles = (p.D + 32 * VEC - 1) / (32 * VEC);
-  const int64_t b = blockIdx.x / tiles;
-  const int64_t c0 = ((blockIdx.x % tiles) * 32 + lane) * VEC;
-  const bool active = c0 < p.D;  // the host picks VEC dividing D: all VEC channels valid
-  const bool reverse = c0 >= p.split;  // and dividing split: one direction per lane
+  const auto [b, c0, active, reverse] = thread_lanes<VEC>(lane, p.D, p.split);
   const G* a_row = p.a + b * p.a_sb + c0;
   const X* x_row = p.x + b * p.x_sb + c0;
   X* h_row = p.h + b * p.T * p.D + c0;
 
   G carry[VEC];
-  if (active && p.h0 != nullptr) {
-    load_widened<G, G, VEC>(p.h0 + b * p.D + c0, carry);
-  } else {
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) carry[v] = G(0);
-  }
+  load_initial_state<G, VEC>(p.h0, active, b * p.D + c0, carry);
 
   int buffer = 0;
   const int64_t round_len = int64_t(warps) * STEPS;
@@ -293,7 +311,7 @@ __global__ void __launch_bounds__(512)
     }
     if constexpr (PREFETCH) load_forward_round(loads, a_row, x_row, p, s0 + round_len, active, reverse);
     G start[VEC];
-    combine_round<G, VEC>(prod, state, carry, start, smem, buffer);
+    combine_round<G, VEC>(prod, state, carry, start, buffer);
 #pragma unroll
     for (int i = 0; i < STEPS; ++i) {
       const int64_t s = s0 + i;
@@ -317,16 +335,10 @@ __global__ void __launch_bounds__(512)
 template <typename G, typename X, int VEC, int STEPS>
 __global__ void __launch_bounds__(512)
     linear_scan_backward_kernel(const BackwardParams<G, X> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  G* smem = reinterpret_cast<G*>(smem_raw);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
-  const int64_t tiles = (p.D + 32 * VEC - 1) / (32 * VEC);
-  const int64_t b = blockIdx.x / tiles;
-  const int64_t c0 = ((blockIdx.x % tiles) * 32 + lane) * VEC;
-  const bool active = c0 < p.D;
-  const bool reverse = c0 >= p.split;
+  const auto [b, c0, active, reverse] = thread_lanes<VEC>(lane, p.D, p.split);
   // one step later / earlier in the forward direction of this channel
   const int64_t later = reverse ? -1 : 1;
   const G* a_row = p.a + b * p.a_sb + c0;
@@ -337,11 +349,8 @@ __global__ void __launch_bounds__(512)
 
   G carry[VEC], first_prev[VEC];
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    carry[v] = G(0);
-    first_prev[v] = G(0);
-  }
-  if (active && p.h0 != nullptr) load_widened<G, G, VEC>(p.h0 + b * p.D + c0, first_prev);
+  for (int v = 0; v < VEC; ++v) carry[v] = G(0);
+  load_initial_state<G, VEC>(p.h0, active, b * p.D + c0, first_prev);
 
   int buffer = 0;
   const int64_t round_len = int64_t(warps) * STEPS;
@@ -388,7 +397,7 @@ __global__ void __launch_bounds__(512)
       }
     }
     G start[VEC];
-    combine_round<G, VEC>(prod, state, carry, start, smem, buffer);
+    combine_round<G, VEC>(prod, state, carry, start, buffer);
 #pragma unroll
     for (int i = 0; i < STEPS; ++i) {
       const int64_t u = u0 + i;
@@ -437,18 +446,22 @@ inline bool aligned_to(const void* ptr, int64_t bytes) {
 // blocks per multiprocessor for 4- and 8-byte values, below 3 for 2-byte values, which ran
 // fastest at VEC = 1 wherever that gave enough blocks (H100 sweep, trainer/scan/NOTES.md).
 // requested.vec/warps/stages > 0 override the choice (vec only where legal).
-inline Tile choose_tile(int64_t B, int64_t D, int64_t split, int max_vec, int value_bytes,
-                        const int64_t* strides, int n_strides, const void* const* ptrs,
-                        const int* elem_bytes, int n_ptrs, int sm_count, Tile requested) {
-  int vec = max_vec;
+// `ptrs[i]` (nullptr for an absent operand) holds elements of `elem_bytes[i]` bytes.
+template <typename G, typename X, size_t N_STRIDES, size_t N_PTRS>
+Tile choose_tile_for(int64_t B, int64_t D, int64_t split, const int64_t (&strides)[N_STRIDES],
+                     const void* const (&ptrs)[N_PTRS], const int (&elem_bytes)[N_PTRS], int sm_count,
+                     Tile requested) {
+  constexpr int max_vec = sizeof(G) == 8 ? 2 : 4;  // a pack is at most 16 bytes
+  constexpr int value_bytes = int(sizeof(X));
   auto allowed = [&](int v) {
     if (D % v != 0 || split % v != 0) return false;
-    for (int i = 0; i < n_strides; ++i)
-      if (strides[i] % v != 0) return false;
-    for (int i = 0; i < n_ptrs; ++i)
+    for (const int64_t stride : strides)
+      if (stride % v != 0) return false;
+    for (size_t i = 0; i < N_PTRS; ++i)
       if (ptrs[i] != nullptr && !aligned_to(ptrs[i], int64_t(v) * elem_bytes[i])) return false;
     return true;
   };
+  int vec = max_vec;
   while (vec > 1 && !allowed(vec)) vec /= 2;
   if (requested.vec > 0) {
     // an explicit request is honoured only when legal, otherwise the legal width is kept
@@ -469,9 +482,20 @@ inline Tile choose_tile(int64_t B, int64_t D, int64_t split, int max_vec, int va
   return Tile{vec, warps, stages};
 }
 
-template <typename G>
-inline size_t shared_bytes(Tile tile) {
-  return size_t(2) * 2 * tile.warps * tile.vec * 32 * sizeof(G);
+template <typename G, typename X>
+Tile choose_tile(const ForwardParams<G, X>& p, int sm_count, Tile requested) {
+  const int64_t strides[] = {p.a_sb, p.a_st, p.x_sb, p.x_st};
+  const void* const ptrs[] = {p.a, p.x, p.h0, p.h};
+  const int bytes[] = {sizeof(G), sizeof(X), sizeof(G), sizeof(X)};
+  return choose_tile_for<G, X>(p.B, p.D, p.split, strides, ptrs, bytes, sm_count, requested);
+}
+
+template <typename G, typename X>
+Tile choose_tile(const BackwardParams<G, X>& p, int sm_count, Tile requested) {
+  const int64_t strides[] = {p.a_sb, p.a_st, p.h_sb, p.h_st, p.dh_sb, p.dh_st};
+  const void* const ptrs[] = {p.a, p.h, p.dh, p.h0, p.da, p.dx, p.dh0};
+  const int bytes[] = {sizeof(G), sizeof(X), sizeof(X), sizeof(G), sizeof(G), sizeof(X), sizeof(G)};
+  return choose_tile_for<G, X>(p.B, p.D, p.split, strides, ptrs, bytes, sm_count, requested);
 }
 
 // Time steps per thread per round: keeps 16 values of each array in registers.
@@ -480,21 +504,26 @@ constexpr int steps_for_vec() {
   return 16 / VEC;
 }
 
-template <typename G, typename X, bool PREFETCH>
-cudaError_t launch_forward_staged(const ForwardParams<G, X>& p, Tile tile, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(block_count(p.B, p.D, tile.vec)));
+// Checks the tile, then calls launch(std::integral_constant<int, VEC>{}, grid, block, smem)
+// with the tile's VEC as a compile-time constant (VEC = 4 only for gates of at most 4 bytes)
+// and returns the launch's status.
+template <typename G, typename Launch>
+cudaError_t launch_tiled(int64_t B, int64_t T, int64_t D, Tile tile, Launch&& launch) {
+  if (B == 0 || T == 0 || D == 0) return cudaSuccess;
+  if (tile.warps < 1 || tile.warps > 16) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(block_count(B, D, tile.vec)));
   const dim3 block(tile.warps * 32);
-  const size_t smem = shared_bytes<G>(tile);
+  const size_t smem = size_t(2) * 2 * tile.warps * tile.vec * 32 * sizeof(G);  // combine_round's
   switch (tile.vec) {
     case 1:
-      linear_scan_forward_kernel<G, X, 1, steps_for_vec<1>(), PREFETCH><<<grid, block, smem, stream>>>(p);
+      launch(std::integral_constant<int, 1>{}, grid, block, smem);
       break;
     case 2:
-      linear_scan_forward_kernel<G, X, 2, steps_for_vec<2>(), PREFETCH><<<grid, block, smem, stream>>>(p);
+      launch(std::integral_constant<int, 2>{}, grid, block, smem);
       break;
     case 4:
       if constexpr (sizeof(G) <= 4) {
-        linear_scan_forward_kernel<G, X, 4, steps_for_vec<4>(), PREFETCH><<<grid, block, smem, stream>>>(p);
+        launch(std::integral_constant<int, 4>{}, grid, block, smem);
         break;
       }
       return cudaErrorInvalidValue;
@@ -506,36 +535,22 @@ cudaError_t launch_forward_staged(const ForwardParams<G, X>& p, Tile tile, cudaS
 
 template <typename G, typename X>
 cudaError_t launch_forward(const ForwardParams<G, X>& p, Tile tile, cudaStream_t stream) {
-  if (p.B == 0 || p.T == 0 || p.D == 0) return cudaSuccess;
-  if (tile.warps < 1 || tile.warps > 16) return cudaErrorInvalidConfiguration;
-  return tile.stages == 2 ? launch_forward_staged<G, X, true>(p, tile, stream)
-                          : launch_forward_staged<G, X, false>(p, tile, stream);
+  return launch_tiled<G>(p.B, p.T, p.D, tile, [&](auto vec, dim3 grid, dim3 block, size_t smem) {
+    constexpr int VEC = decltype(vec)::value;
+    if (tile.stages == 2) {
+      linear_scan_forward_kernel<G, X, VEC, steps_for_vec<VEC>(), true><<<grid, block, smem, stream>>>(p);
+    } else {
+      linear_scan_forward_kernel<G, X, VEC, steps_for_vec<VEC>(), false><<<grid, block, smem, stream>>>(p);
+    }
+  });
 }
 
 template <typename G, typename X>
 cudaError_t launch_backward(const BackwardParams<G, X>& p, Tile tile, cudaStream_t stream) {
-  if (p.B == 0 || p.T == 0 || p.D == 0) return cudaSuccess;
-  if (tile.warps < 1 || tile.warps > 16) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(block_count(p.B, p.D, tile.vec)));
-  const dim3 block(tile.warps * 32);
-  const size_t smem = shared_bytes<G>(tile);
-  switch (tile.vec) {
-    case 1:
-      linear_scan_backward_kernel<G, X, 1, steps_for_vec<1>()><<<grid, block, smem, stream>>>(p);
-      break;
-    case 2:
-      linear_scan_backward_kernel<G, X, 2, steps_for_vec<2>()><<<grid, block, smem, stream>>>(p);
-      break;
-    case 4:
-      if constexpr (sizeof(G) <= 4) {
-        linear_scan_backward_kernel<G, X, 4, steps_for_vec<4>()><<<grid, block, smem, stream>>>(p);
-        break;
-      }
-      return cudaErrorInvalidValue;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return launch_tiled<G>(p.B, p.T, p.D, tile, [&](auto vec, dim3 grid, dim3 block, size_t smem) {
+    constexpr int VEC = decltype(vec)::value;
+    linear_scan_backward_kernel<G, X, VEC, steps_for_vec<VEC>()><<<grid, block, smem, stream>>>(p);
+  });
 }
 
 }  // namespace birdie_scan

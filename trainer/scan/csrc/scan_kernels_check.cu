@@ -157,11 +157,7 @@ bool run_case(const Case& c, std::mt19937& rng, double tol) {
   fp.T = T;
   fp.D = D;
   fp.split = c.split;
-  const int64_t fstrides[] = {fp.a_sb, fp.a_st, fp.x_sb, fp.x_st};
-  const void* fptrs[] = {fp.a, fp.x, fp.h0, fp.h};
-  const int fbytes[] = {4, int(sizeof(X)), 4, int(sizeof(X))};
-  const birdie_scan::Tile ftile =
-      birdie_scan::choose_tile(B, D, c.split, 4, int(sizeof(X)), fstrides, 4, fptrs, fbytes, 4, sms, c.tile);
+  const birdie_scan::Tile ftile = birdie_scan::choose_tile(fp, sms, c.tile);
   CHECK_CUDA(birdie_scan::launch_forward(fp, ftile, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
 
@@ -183,11 +179,7 @@ bool run_case(const Case& c, std::mt19937& rng, double tol) {
   bp.T = T;
   bp.D = D;
   bp.split = c.split;
-  const int64_t bstrides[] = {bp.a_sb, bp.a_st, bp.h_sb, bp.h_st, bp.dh_sb, bp.dh_st};
-  const void* bptrs[] = {bp.a, bp.h, bp.dh, bp.h0, bp.da, bp.dx, bp.dh0};
-  const int bbytes[] = {4, int(sizeof(X)), int(sizeof(X)), 4, 4, int(sizeof(X)), 4};
-  const birdie_scan::Tile btile =
-      birdie_scan::choose_tile(B, D, c.split, 4, int(sizeof(X)), bstrides, 6, bptrs, bbytes, 7, sms, c.tile);
+  const birdie_scan::Tile btile = birdie_scan::choose_tile(bp, sms, c.tile);
   CHECK_CUDA(birdie_scan::launch_backward(bp, btile, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
 
