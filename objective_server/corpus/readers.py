@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,7 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
                 if line.endswith("\r\n"):
                     line = line[:-2] + "\n"
                 yield lineno, line
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: corrupted compressed data
         raise CorpusError(f"{path}: cannot read ({_reason(e)})") from None
 
 

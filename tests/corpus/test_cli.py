@@ -13,6 +13,7 @@ from objective_server.corpus.store import TokenStore
 
 from .helpers import SMALL_VOCAB, english_documents, write_jsonl
 from .test_default import fake_stdlib  # noqa: F401  (fixture)
+from .test_readers import corrupt_gzip
 
 
 def run(*args: str, env: dict[str, str] | None = None):
@@ -82,6 +83,13 @@ def test_malformed_input(tmp_path: Path) -> None:
     corpus.write_text('{"text": "fine"}\n{"text": oops}\n')
     assert_one_line_error(run(str(corpus), "--out", str(tmp_path / "out"), "--quiet"),
                           f"{corpus}:2: malformed JSON")
+
+
+def test_corrupted_gzip_input(tmp_path: Path) -> None:
+    corpus = corrupt_gzip(tmp_path / "a.jsonl.gz")
+    assert_one_line_error(run(str(corpus), "--out", str(tmp_path / "out"), "--quiet"),
+                          f"{corpus}: cannot read (", "invalid distance too far back")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [

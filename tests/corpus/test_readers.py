@@ -4,8 +4,10 @@ import gzip
 import hashlib
 import json
 import tracemalloc
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from objective_server.corpus import readers
@@ -237,6 +239,25 @@ def test_truncated_gzip(tmp_path: Path) -> None:
     compressed = gzip.compress("\n\n".join(english_documents(200)).encode())
     path.write_bytes(compressed[: len(compressed) // 2])
     assert error_of(path).startswith(f"{path}: cannot read")
+
+
+def corrupt_gzip(path: Path) -> Path:
+    """A .jsonl.gz with its middle bytes overwritten: a valid gzip header, broken deflate data."""
+    write_jsonl(path, english_documents(200))
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 200] = np.random.default_rng(0).bytes(200)
+    path.write_bytes(bytes(data))
+    with pytest.raises(zlib.error):  # what the gzip module raises on this file
+        gzip.decompress(bytes(data))
+    return path
+
+
+def test_corrupted_gzip(tmp_path: Path) -> None:
+    path = corrupt_gzip(tmp_path / "a.jsonl.gz")
+    assert error_of(path) == (
+        f"{path}: cannot read (Error -3 while decompressing data: invalid distance too far back)"
+    )
 
 
 def test_not_utf8(tmp_path: Path) -> None:
