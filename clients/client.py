@@ -1,7 +1,8 @@
 """BirdieClient: typed calls for every route of the objective server.
 
 Every call is one addressed request. Transient failures (connection refused or reset, timeouts,
-429/502/503/504) are retried with exponential backoff and full jitter, honouring `Retry-After`; a
+429/502/503/504) are retried with exponential backoff and full jitter, never sooner than the server's
+`Retry-After` (so ranks that hit the same outage spread out instead of retrying in step); a
 retry re-sends the very same request (same URL, same query, same body), which is what makes retries
 safe: batches are addressed and replay-deterministic, loss posts carry an idempotency key. Any other
 error status is raised at once as a `BirdieHTTPError` subclass carrying the status and the server's
@@ -28,7 +29,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 from tenacity.wait import wait_base, wait_random_exponential
 
 from clients.models import (
@@ -168,19 +169,22 @@ def error_from_response(response: httpx.Response) -> BirdieHTTPError:
 # --- retrying ---------------------------------------------------------------------------------
 
 
-class wait_retry_after_or(wait_base):
-    """Wait what the server asked for in Retry-After (capped), else fall back to `fallback`."""
+class wait_at_least_retry_after(wait_base):
+    """The jittered backoff `jitter`, on top of the server's Retry-After when it sent one, capped.
 
-    def __init__(self, fallback: wait_base, cap: float) -> None:
-        self.fallback = fallback
+    Retry-After is a lower bound, not a schedule: every rank of a job that hits the same outage
+    gets the same hint, and waiting exactly that long would have them all retry in step, forever at
+    the same pace. Adding the growing jittered backoff spreads them out and backs off.
+    """
+
+    def __init__(self, jitter: wait_base, cap: float) -> None:
+        self.jitter = jitter
         self.cap = cap
 
     def __call__(self, retry_state: RetryCallState) -> float:
         error = retry_state.outcome.exception() if retry_state.outcome else None
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            return min(retry_after, self.cap)
-        return self.fallback(retry_state)
+        retry_after = getattr(error, "retry_after", None) or 0.0
+        return min(self.cap, retry_after + self.jitter(retry_state))
 
 
 def _log_retry(retry_state: RetryCallState) -> None:
@@ -198,8 +202,8 @@ class BirdieClient:
     url, token: the server and its API token (default: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000,
         and $BIRDIE_API_TOKEN). timeout: seconds per attempt. retries: extra attempts after the first
         on transient failures. backoff: the first backoff window in seconds; attempt n waits a uniform
-        random time in [0, min(max_delay, backoff * 2**(n-1))] ("full jitter"), or the server's
-        Retry-After (capped at max_delay) when it sent one.
+        random time in [0, backoff * 2**(n-1)] ("full jitter"), added to the server's Retry-After when
+        it sent one, at most max_delay.
     """
 
     def __init__(
@@ -251,17 +255,22 @@ class BirdieClient:
         json: Any = None,
         headers: Mapping[str, str] | None = None,
         retries: float | None = None,
+        retry_for: float | None = None,
         abort: threading.Event | None = None,
     ) -> httpx.Response:
         """Send one request, retrying transient failures; return the 2xx response or raise. The
         typed calls below are built on it; use it directly for anything they do not cover.
 
-        retries: overrides the client's count (math.inf retries until success or abort).
+        retries: overrides the client's count (math.inf retries until success, abort or retry_for).
+        retry_for: seconds after which no further attempt starts (None: no time limit).
         abort: once set, a pending backoff ends at once and `BirdieAborted` is raised.
         """
         # Built once and sent on every attempt: a retry repeats exactly the same address and body.
         request = self._http.build_request(method, path, params=params, json=json, headers=headers)
         attempts = (self.retries if retries is None else retries) + 1
+        stop = stop_after_attempt(attempts)
+        if retry_for is not None:
+            stop = stop | stop_after_delay(retry_for)
 
         def sleep(seconds: float) -> None:
             if abort is None:
@@ -270,8 +279,8 @@ class BirdieClient:
                 raise BirdieAborted(f"{method} {request.url}: stopped retrying (aborted)")
 
         retrying = Retrying(
-            stop=stop_after_attempt(attempts),
-            wait=wait_retry_after_or(wait_random_exponential(multiplier=self.backoff, max=self.max_delay), self.max_delay),
+            stop=stop,
+            wait=wait_at_least_retry_after(wait_random_exponential(multiplier=self.backoff), self.max_delay),
             retry=retry_if_exception_type((BirdieConnectionError, TransientHTTPError)),
             sleep=sleep,
             before_sleep=_log_retry,
@@ -305,10 +314,15 @@ class BirdieClient:
         world_size: int = 1,
         fmt: BatchFormat = "arrow",
         *,
+        retries: float | None = None,
+        retry_for: float | None = None,
         abort: threading.Event | None = None,
     ) -> WireBatch:
-        """The training batch at address (run, step, rank, world_size)."""
-        return self._fetch_batch(training_address(run, step, rank, world_size), fmt, abort=abort)
+        """The training batch at address (run, step, rank, world_size); `retries`, `retry_for` and
+        `abort` as in `request`."""
+        return self._fetch_batch(
+            training_address(run, step, rank, world_size), fmt, retries=retries, retry_for=retry_for, abort=abort
+        )
 
     def validation_batch(
         self, run: str, objective: str, index: int = 0, fmt: BatchFormat = "arrow"
@@ -340,14 +354,21 @@ class BirdieClient:
         return decode_json(body), examples
 
     def _fetch_batch(
-        self, address: Mapping[str, Any], fmt: BatchFormat, *, abort: threading.Event | None = None
+        self,
+        address: Mapping[str, Any],
+        fmt: BatchFormat,
+        *,
+        retries: float | None = None,
+        retry_for: float | None = None,
+        abort: threading.Event | None = None,
     ) -> WireBatch:
+        retrying: dict[str, Any] = {"retries": retries, "retry_for": retry_for, "abort": abort}
         if fmt == "json":
-            response = self.request("GET", "/batch", params={**address, "format": "json"}, abort=abort)
+            response = self.request("GET", "/batch", params={**address, "format": "json"}, **retrying)
             return decode_json(response.json())
         if fmt != "arrow":
             raise ValueError(f"fmt must be 'arrow' or 'json', got {fmt!r}")
-        response = self.request("GET", "/batch", params=address, headers={"Accept": ARROW_MEDIA_TYPE}, abort=abort)
+        response = self.request("GET", "/batch", params=address, headers={"Accept": ARROW_MEDIA_TYPE}, **retrying)
         media_type = response.headers.get("content-type", "").split(";")[0].strip()
         if media_type != ARROW_MEDIA_TYPE:
             raise BirdieError(f"GET {response.request.url}: expected {ARROW_MEDIA_TYPE}, got {media_type!r}")

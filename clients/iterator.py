@@ -7,12 +7,15 @@
 Background threads keep `prefetch` steps in flight or ready while the consumer trains on the current
 one; batches come out strictly in step order whatever order the fetches finish in. Each fetch is the
 client's addressed request (retried with backoff, the same address every time), so resuming from a
-checkpoint at step s is `start_step=s` and replays the same data. A fetch that fails for good is
-raised to the consumer at its step; the iterator is closed from then on.
+checkpoint at step s is `start_step=s` and replays the same data. Transient failures (server restarts,
+a state-store outage: 503) are retried for up to `patience` seconds, so a training job waits out an
+outage instead of dying in it; a fetch that fails for good is raised to the consumer at its step, and
+the iterator is closed from then on.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -33,6 +36,8 @@ class BatchIterator(Iterator[tuple[int, WireBatch]]):
 
     prefetch: how many steps are in flight or ready at once (each in its own thread).
     step_stride: for splitting one rank's steps among several consumers (e.g. DataLoader workers).
+    patience: seconds a fetch keeps retrying transient failures (with the client's backoff) before
+        it gives up; None: the client's own retry count.
     `next_step` is the step the next `next()` returns: the place to resume from.
     """
 
@@ -47,7 +52,10 @@ class BatchIterator(Iterator[tuple[int, WireBatch]]):
         *,
         end_step: int | None = None,
         step_stride: int = 1,
+        patience: float | None = 600.0,
     ) -> None:
+        if patience is not None and not patience >= 0:
+            raise ValueError(f"patience must be >= 0 seconds or None, got {patience}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         if step_stride < 1:
@@ -61,6 +69,7 @@ class BatchIterator(Iterator[tuple[int, WireBatch]]):
         self.prefetch = prefetch
         self.end_step = end_step
         self.step_stride = step_stride
+        self._retrying = {} if patience is None else {"retries": math.inf, "retry_for": patience}
         self.next_step = start_step
         self._next_to_fetch = start_step
         self._in_flight: deque[tuple[int, Future[WireBatch]]] = deque()
@@ -73,7 +82,7 @@ class BatchIterator(Iterator[tuple[int, WireBatch]]):
         while len(self._in_flight) < self.prefetch and (self.end_step is None or self._next_to_fetch < self.end_step):
             step = self._next_to_fetch
             future = self._executor.submit(
-                self.client.batch, self.run, step, self.rank, self.world_size, abort=self._abort
+                self.client.batch, self.run, step, self.rank, self.world_size, abort=self._abort, **self._retrying
             )
             self._in_flight.append((step, future))
             self._next_to_fetch += self.step_stride

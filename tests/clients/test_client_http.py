@@ -184,13 +184,30 @@ def test_backoff_is_full_jitter_within_exponential_bounds(server: FakeBirdieServ
     assert len(set(abort.waits)) > 1  # jittered, not a fixed schedule
 
 
-def test_retry_after_overrides_jitter_and_is_capped(server: FakeBirdieServer) -> None:
+def test_retry_after_is_a_lower_bound_with_jitter_on_top_and_is_capped(server: FakeBirdieServer) -> None:
     server.inject("/losses", Fault(status=503, retry_after="0.2"))
     server.inject("/losses", Fault(status=429, retry_after="3600"))
     abort = RecordingEvent()
     with BirdieClient(server.url, retries=5, backoff=0.01, max_delay=0.7) as client:
         assert client.post_losses(loss_body(), abort=abort).status == "accepted"
-    assert abort.waits == [0.2, 0.7]
+    assert len(abort.waits) == 2
+    assert 0.2 <= abort.waits[0] <= 0.2 + 0.01 and abort.waits[1] == 0.7
+
+
+def test_ranks_told_the_same_retry_after_spread_out_and_back_off(server: FakeBirdieServer) -> None:
+    # Every rank of a job gets the same Retry-After during an outage; waiting exactly that long
+    # would keep them retrying in lockstep at a fixed pace.
+    server.fail_always("/batch", Fault(status=503, retry_after="0.01"))
+    waits = []
+    for rank in range(4):
+        abort = RecordingEvent()
+        with BirdieClient(server.url, retries=6, backoff=0.01, max_delay=10.0) as client:
+            with pytest.raises(TransientHTTPError):
+                client.batch(RUN, step=0, rank=rank, world_size=4, abort=abort)
+        assert all(w >= 0.01 for w in abort.waits)
+        waits.append(abort.waits)
+    assert len({w[0] for w in waits}) == 4  # not in step
+    assert max(max(w[4:]) for w in waits) > 0.01 + 0.01 * 2**3  # the windows grow: 0.16 s, then 0.32 s
 
 
 def test_parse_retry_after() -> None:

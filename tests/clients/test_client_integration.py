@@ -189,6 +189,26 @@ def test_loss_posts_wait_out_a_redis_outage(live, redis_server) -> None:
         assert client.post_losses(LossPostBody(run=RUN, step=1, losses={names[1]: 1.5}, tokens={names[1]: 10})).status == "duplicate"
 
 
+def test_batch_iterator_waits_out_a_redis_outage(live, redis_server) -> None:
+    # A step never served before needs the state store (it moves the mixture timeline): during an
+    # outage it answers 503, and the training loop must wait until Redis is back, not die.
+    server = live()
+    with BirdieClient(server.url, retries=2, **FAST) as client:
+        assert client.batch(RUN, step=0).header["step"] == 0
+        redis_server.kill()
+        restarter = threading.Timer(2.0, redis_server.start)
+        restarter.start()
+        try:
+            started = time.perf_counter()
+            with BatchIterator(client, RUN, start_step=1, prefetch=1, end_step=2, patience=60) as batches:
+                step, batch = next(batches)
+            waited = time.perf_counter() - started
+        finally:
+            restarter.join()
+        assert step == 1 and batch.header["step"] == 1
+        assert waited >= 1.5  # it really was unavailable, and was retried well past 2 retries
+
+
 def test_unknown_configuration_is_rejected_not_retried(live) -> None:
     server = live()
     with BirdieClient(server.url, **FAST) as client, LossPoster(client) as poster:

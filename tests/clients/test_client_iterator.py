@@ -82,10 +82,27 @@ def test_a_failure_reaches_the_consumer_at_its_step_and_closes(server: FakeBirdi
         with pytest.raises(StopIteration):
             next(batches)
         server.fail_always("/batch", Fault(status=503))
-        batches = BatchIterator(client, RUN, start_step=6, prefetch=2)
+        batches = BatchIterator(client, RUN, start_step=6, prefetch=2, patience=0.3)
+        started = time.monotonic()
         with pytest.raises(TransientHTTPError):
             next(batches)
+        assert 0.3 <= time.monotonic() - started < 3.0  # retried for its patience, then gave up
+        assert len(server.requests("/batch")) > 2 * 4  # well beyond the client's 3 retries per step
         assert batches.next_step == 6  # resume from here once the server is back
+
+
+def test_patience_waits_out_an_outage_longer_than_the_clients_retry_count(server: FakeBirdieServer) -> None:
+    # A state-store outage answers 503 for a while: the fetch keeps retrying instead of giving up
+    # after the client's 3 retries, so the training loop waits the outage out.
+    server.inject("/batch", Fault(status=503, retry_after="0.01"), times=12)
+    with client_for(server) as client, BatchIterator(client, RUN, prefetch=1, end_step=2, patience=30) as batches:
+        assert [step for step, _ in batches] == [0, 1]
+    assert len(server.requests("/batch")) == 12 + 2
+
+
+def test_patience_is_checked() -> None:
+    with BirdieClient("http://127.0.0.1:9") as client, pytest.raises(ValueError, match="patience"):
+        BatchIterator(client, RUN, patience=-1)
 
 
 def test_close_stops_promptly_while_fetches_back_off(down_server: FakeBirdieServer) -> None:
