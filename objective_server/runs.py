@@ -8,6 +8,7 @@ what an existing run serves.
 
 from __future__ import annotations
 
+import bisect
 import tomllib
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from objective_server.objectives import Objective, parse_objective
 from objective_server.objectives.presets import preset as preset_arms
+from objective_server.rng import keyed_rng
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MIN_SEQ_LEN, MAX_SEQ_LEN = 64, 131_072
@@ -88,6 +90,13 @@ class RunConfig(BaseModel):
             raise ValueError("objective configurations must be distinct")
         if sum(a.probability for a in self.arms) <= 0:
             raise ValueError("initial probabilities must not all be zero")
+        # An arm that cannot build one example in a row would only ever give padding.
+        for name, objective in zip(names, self.objectives):
+            if not _fits(objective, self.seq_len):
+                shortest = _shortest_row(objective)
+                needs = f"seq_len >= {shortest}" if shortest else f"more than seq_len {MAX_SEQ_LEN}"
+                raise ValueError(f"objective {name!r} cannot build an example in a row of seq_len "
+                                 f"{self.seq_len}: it needs {needs}")
         if self.eval_steps is not None:
             if any(s < 1 for s in self.eval_steps) or sorted(set(self.eval_steps)) != self.eval_steps:
                 raise ValueError("eval_steps must be strictly increasing positive steps")
@@ -119,6 +128,18 @@ class RunConfig(BaseModel):
     def stored(self) -> dict[str, Any]:
         """The resolved, self-contained form kept in the run store."""
         return self.model_dump(mode="json")
+
+
+def _fits(objective: Objective, seq_len: int) -> bool:
+    return objective.raw_length(seq_len, keyed_rng("runs")) > 0  # deterministic for every objective
+
+
+def _shortest_row(objective: Objective) -> int | None:
+    """The shortest seq_len in which `objective` builds an example (raw_length grows with the
+    space), or None if no allowed seq_len is long enough."""
+    lengths = range(MIN_SEQ_LEN, MAX_SEQ_LEN + 1)
+    shortest = bisect.bisect_left(lengths, True, key=lambda n: _fits(objective, n))
+    return lengths[shortest] if shortest < len(lengths) else None
 
 
 def _scaled_schedule(total_steps: int) -> list[tuple[int, int]]:

@@ -44,6 +44,21 @@ def test_bad_configs_are_validation_errors(bad):
         RunConfig.model_validate(bad)
 
 
+def test_an_arm_that_cannot_fit_the_row_is_refused_with_the_seq_len_it_needs():
+    def config(seq_len, *objectives):
+        arms = [{"objective": o, "probability": 1} for o in ("copying.len64", *objectives)]
+        return RunConfig.model_validate({"name": "x", "seq_len": seq_len, "arms": arms})
+
+    # Four queries of at most 3 + 2 * 8 + 1 + 32 positions each, two markers and an 8-token context.
+    selective = "selective_copying.spans4.after.len384"
+    with pytest.raises(ValidationError, match=f"objective '{selective}' cannot build an example in a row "
+                                              "of seq_len 217: it needs seq_len >= 218"):
+        config(217, selective)
+    assert config(218, selective).names == ["copying.len64", selective]
+    with pytest.raises(ValidationError, match="it needs more than seq_len 131072"):
+        config(2048, "selective_copying.spans1.after.span4to200000.len64")
+
+
 def test_files_in_yaml_and_toml_with_one_run_or_a_list(tmp_path):
     (tmp_path / "one.yaml").write_text("name: a\npreset: ntp\nseq_len: 256\n")
     (tmp_path / "many.toml").write_text('[[runs]]\nname = "b"\npreset = "ul2"\n\n[[runs]]\nname = "c"\npreset = "ntp"\n')
