@@ -13,8 +13,9 @@ that the tails a row leaves unused in one epoch are read in another.
 Within a row, examples are drawn one after another: a configuration is sampled from the mixture,
 it says how many corpus tokens fit in the space left, and the example is cut from the row's window
 at a running cursor. A configuration that cannot fit is resampled a few times; when none fits, the
-rest of the row is padding. All randomness of row g comes from one generator keyed by
-(seed, split, g): the same address gives byte-identical arrays in any process.
+rest of the row is padding: input 0 whatever id [PAD] has (birdie-method.md §3; segment 0 and label
+-100 mask it). All randomness of row g comes from one generator keyed by (seed, split, g): the same
+address gives byte-identical arrays in any process.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def generate_batch(
     first = (step * world_size + rank) * batch_size
     rows = np.arange(first, first + batch_size, dtype=np.int64)
     starts = row_windows(rows, len(tokens), seq_len, seed, "train")
-    batch = Batch.empty(batch_size, seq_len, special.pad)
+    batch = Batch.empty(batch_size, seq_len)
     for b, (g, start) in enumerate(zip(rows, starts)):
         window = _window(tokens, int(start), seq_len)
         batch.raw_tokens += fill_row(batch, b, window, objectives, cumulative, keyed_rng(seed, "train", int(g)), special)
@@ -159,7 +160,7 @@ def validation_batch(
         raise ValueError("index must be >= 0")
     rows = np.arange(index * batch_size, (index + 1) * batch_size, dtype=np.int64)
     starts = row_windows(rows, len(tokens), seq_len, seed, "validation")
-    batch = Batch.empty(batch_size, seq_len, special.pad)
+    batch = Batch.empty(batch_size, seq_len)
     only = np.ones(1)
     for b, (g, start) in enumerate(zip(rows, starts)):
         window = _window(tokens, int(start), seq_len)

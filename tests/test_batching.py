@@ -111,6 +111,21 @@ def test_validation_batches_are_fixed_single_objective_and_in_training_format():
         assert (a.input_ids[a.segment_ids > 0] != SPECIAL.pad).all()
 
 
+def test_padding_input_is_id_0_even_when_the_tokenizer_puts_pad_elsewhere():
+    # A loaded tokenizer gets the special tokens appended: [PAD] is not id 0 there.
+    special = SpecialTokens.from_mapping({token: 500 + i for token, i in SPECIAL.ids.items()})
+    copying = parse_objective("copying.len64")  # 1 + 64 + 64 positions: a row of 130 keeps 1 of padding
+    batches = [
+        generate_batch([copying], [1.0], CORPUS, special, seed=0, batch_size=2, seq_len=130, rank=0,
+                       world_size=1, step=0),
+        validation_batch(copying, 0, CORPUS, special, seed=0, batch_size=2, seq_len=130, index=0),
+    ]
+    for b in batches:
+        padding = b.segment_ids == 0
+        assert padding[:, -1].all()
+        assert (b.input_ids[padding] == 0).all() and (b.label_ids[padding] == -100).all()
+
+
 @settings(max_examples=25, deadline=None)
 @given(step=st.integers(0, 10_000), rank=st.integers(0, 7), seq_len=st.sampled_from([128, 200, 256, 1000]),
        corpus_len=st.integers(10, 5000), seed=st.integers(0, 2**32))
