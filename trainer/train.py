@@ -156,12 +156,19 @@ class TrainConfig:
 
 
 def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """`base` (default: the defaults) with `values` overriding; unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
+    """`base` (default: the defaults) with `values` overriding; unknown keys are an error. Values
+    are coerced to the fields' types as flags are (PyYAML reads `lr: 3e-4` as a string)."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known: {sorted(names)}")
-    return dataclasses.replace(base or TrainConfig(), **values)
+        raise ValueError(f"unknown config key(s) {unknown}; known: {sorted(hints)}")
+    coerced = {}
+    for key, value in values.items():
+        try:
+            coerced[key] = _parse_value(hints[key], value)
+        except ValueError as error:
+            raise ValueError(f"{key}: {error}") from None
+    return dataclasses.replace(base or TrainConfig(), **coerced)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -172,32 +179,46 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config fields")
-    return config_from_mapping(overrides or {}, config_from_mapping(values))
+    try:
+        base = config_from_mapping(values)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return config_from_mapping(overrides or {}, base)
 
 
-def _parse_value(field_type: Any, text: str) -> Any:
-    """A flag's text as the field's type: numbers and strings as such, lists and mappings as YAML
-    (e.g. `[10, 50]`), `none` for an optional field's None."""
+def _parse_value(field_type: Any, value: Any) -> Any:
+    """A flag's text or a YAML value as the field's type. Text: numbers and strings as such, lists
+    and mappings as YAML (e.g. `[10, 50]`), `none` for an optional field's None. Other values must
+    have the type already (an int passes for a float); list items are parsed the same way."""
     import yaml
 
     if typing.get_origin(field_type) in (typing.Union, types.UnionType):
-        if text.strip().lower() in ("none", "null", "~"):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
             return None
         field_type = next(a for a in typing.get_args(field_type) if a is not type(None))
-    if field_type is str:
-        return text
-    if field_type in (int, float):
+    if field_type in (int, float) and isinstance(value, str):
         try:
-            return field_type(text)
+            return field_type(value)
         except ValueError:
-            raise ValueError(f"expected {field_type.__name__}, got {text!r}") from None
+            raise ValueError(f"expected {field_type.__name__}, got {value!r}") from None
+    if field_type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if field_type is int and isinstance(value, bool):
+        raise ValueError(f"expected int, got {value!r}")
     expected = typing.get_origin(field_type) or field_type
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = None
+    if expected in (list, dict) and isinstance(value, str):
+        text = value
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, expected):
+            raise ValueError(f"expected a YAML {expected.__name__}, got {text!r}")
     if not isinstance(value, expected):
-        raise ValueError(f"expected a YAML {expected.__name__}, got {text!r}")
+        raise ValueError(f"expected {expected.__name__}, got {value!r}")
+    if expected is list:
+        (item_type,) = typing.get_args(field_type)
+        return [_parse_value(item_type, item) for item in value]
     return value
 
 

@@ -194,6 +194,25 @@ def test_config_errors_are_clear(tmp_path, capsys):
         TrainConfig(resume=str(tmp_path / "missing.pt"))
 
 
+def test_yaml_values_are_coerced_like_flags(tmp_path, capsys):
+    # PyYAML (YAML 1.1) reads 3e-4 as a string and 0 as an int; both are floats here, as from flags.
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 3e-4\nweight_decay: 0\nbetas: [9e-1, 0.95]\neval_steps: [10, 50]\nsteps: none\n")
+    config = parse_args(["--config", str(path)])
+    assert config.lr == 3e-4 and type(config.lr) is float
+    assert config.weight_decay == 0.0 and type(config.weight_decay) is float
+    assert config.betas == [0.9, 0.95] and config.eval_steps == [10, 50] and config.steps is None
+    assert config_from_mapping({"lr": "1e-3", "steps": "7"}).lr == 1e-3
+    for text, message in (("lr: fast\n", "lr: expected float, got 'fast'"), ("steps: 2.5\n", "steps: expected int"),
+                          ("betas: [a, 0.9]\n", "betas: expected float, got 'a'"),
+                          ("bidirectional: maybe\n", "bidirectional: expected bool"),
+                          ("eval_steps: 10\n", "eval_steps: expected list")):
+        path.write_text(text)
+        with pytest.raises(SystemExit):
+            parse_args(["--config", str(path)])
+        assert f"{path}: {message}" in capsys.readouterr().err
+
+
 # --- optimiser and schedule ----------------------------------------------------------------------
 
 
