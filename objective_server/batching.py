@@ -8,7 +8,8 @@ example occupies more row positions than the corpus tokens it is made from). Row
 s is global row g = (s * world_size + r) * batch_size + b; epoch e = g // n_windows visits every
 window once in an order given by a keyed bijection of the window indices (a Feistel network, so no
 permutation table is ever materialised), and each epoch shifts the window grid by a keyed offset so
-that the tails a row leaves unused in one epoch are read in another.
+that the tails a row leaves unused in one epoch are read in another. A split shorter than seq_len
+is refused rather than repeated within a row.
 
 Within a row, examples are drawn one after another: a configuration is sampled from the mixture,
 it says how many corpus tokens fit in the space left, and the example is cut from the row's window
@@ -35,8 +36,13 @@ RESAMPLES = 4
 MIN_EXAMPLE_SPACE = 8
 
 
-def window_count(n_tokens: int, seq_len: int) -> int:
-    return max(1, n_tokens // seq_len)
+def window_count(n_tokens: int, seq_len: int, split: str) -> int:
+    """Windows of seq_len tokens in a split. A split shorter than one row is refused: each row
+    would hold its text more than once (a next-token example would become a copying task)."""
+    if n_tokens < seq_len:
+        raise ValueError(f"the {split} split holds {n_tokens} tokens, fewer than seq_len = {seq_len}: "
+                         "its rows would repeat its text; prepare more text or use a shorter seq_len")
+    return n_tokens // seq_len
 
 
 def window_permutation(index: np.ndarray, n: int, key: int) -> np.ndarray:
@@ -71,7 +77,7 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 def row_windows(global_rows: np.ndarray, n_tokens: int, seq_len: int, seed: int, split: str) -> np.ndarray:
     """Start offset (in corpus tokens, before wrapping) of each global row's window."""
-    n_windows = window_count(n_tokens, seq_len)
+    n_windows = window_count(n_tokens, seq_len, split)
     epochs = global_rows // n_windows
     starts = np.empty(len(global_rows), dtype=np.int64)
     for epoch in np.unique(epochs):
@@ -179,7 +185,8 @@ def _cumulative(probabilities: Sequence[float], k: int) -> np.ndarray:
 
 
 def _window(tokens: np.ndarray, start: int, seq_len: int) -> np.ndarray:
-    """seq_len corpus tokens from `start`, wrapping around the end of the corpus (as int32)."""
+    """seq_len corpus tokens from `start`, wrapping around the end of the corpus once at most (the
+    corpus holds at least seq_len tokens), as int32."""
     n = len(tokens)
     start %= n
     if start + seq_len <= n:

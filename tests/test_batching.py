@@ -128,10 +128,10 @@ def test_padding_input_is_id_0_even_when_the_tokenizer_puts_pad_elsewhere():
 
 @settings(max_examples=25, deadline=None)
 @given(step=st.integers(0, 10_000), rank=st.integers(0, 7), seq_len=st.sampled_from([128, 200, 256, 1000]),
-       corpus_len=st.integers(10, 5000), seed=st.integers(0, 2**32))
-def test_any_address_and_corpus_size_packs_valid_rows(step, rank, seq_len, corpus_len, seed):
+       extra_tokens=st.integers(0, 5000), seed=st.integers(0, 2**32))
+def test_any_address_and_corpus_size_packs_valid_rows(step, rank, seq_len, extra_tokens, seed):
     arms = preset("birdie", seq_len=seq_len)
-    tokens = np.arange(FIRST_TEXT_ID, FIRST_TEXT_ID + corpus_len, dtype=np.uint32)
+    tokens = np.arange(FIRST_TEXT_ID, FIRST_TEXT_ID + seq_len + extra_tokens, dtype=np.uint32)
     b = generate_batch([o for o, _ in arms], [p for _, p in arms], tokens, SPECIAL, seed=seed, batch_size=2,
                        seq_len=seq_len, rank=rank, world_size=8, step=step)
     assert b.shape == (2, seq_len)
@@ -145,6 +145,22 @@ def test_any_address_and_corpus_size_packs_valid_rows(step, rank, seq_len, corpu
     # Labels exist exactly on suffix positions.
     assert ((b.attention_mask == 3) == (b.label_ids != -100)).all()
     assert b.fill_rate > 0.5
+
+
+def test_a_split_shorter_than_a_row_is_refused_not_repeated():
+    ntp = parse_objective({"family": "next_token", "length": 256})
+    short = CORPUS[:255]
+    with pytest.raises(ValueError, match="the train split holds 255 tokens, fewer than seq_len = 256"):
+        ntp_batch(step=0, tokens=short)
+    with pytest.raises(ValueError, match="the validation split holds 255 tokens, fewer than seq_len = 256"):
+        validation_batch(ntp, 0, short, SPECIAL, seed=0, batch_size=2, seq_len=256, index=0)
+    # One row's worth is enough: every row reads each corpus token at most once.
+    exact = CORPUS[:256]
+    for b in (ntp_batch(step=5, tokens=exact),
+              validation_batch(ntp, 0, exact, SPECIAL, seed=0, batch_size=4, seq_len=256, index=3)):
+        for labels in b.label_ids:
+            text = labels[labels >= FIRST_TEXT_ID]
+            assert len(text) > 200 and len(np.unique(text)) == len(text)
 
 
 def test_row_windows_shift_between_epochs_keeps_ranks_disjoint():
