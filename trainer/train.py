@@ -56,7 +56,8 @@ from trainer.evaluate import (
     score_batches,
     token_losses,
 )
-from trainer.models import LanguageModel, build_model
+from objective_server.policies import POLICIES
+from trainer.models import MODELS, LanguageModel, build_model
 from trainer.models.common import IGNORE_INDEX
 
 log = logging.getLogger("birdie.train")
@@ -66,47 +67,69 @@ CHECKPOINT_FORMAT = 1
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training job; each field is a flag (`--d-model`) and a YAML key (`d_model`),
+    its metadata the flag's --help text and argparse options."""
+
     # model (vocab_size comes from the run)
-    model: str = "hawk"  # hawk | gated_ssm | transformer
-    d_model: int = 256
-    n_layers: int = 4
-    bidirectional: bool = True
-    model_options: dict[str, Any] = field(default_factory=dict)  # other fields of the model's config
-    init_seed: int = 0  # model initialisation
+    model: str = field(default="hawk", metadata={"help": "architecture", "choices": sorted(MODELS)})
+    d_model: int = field(default=256, metadata={"help": "model width"})
+    n_layers: int = field(default=4, metadata={"help": "number of blocks"})
+    bidirectional: bool = field(default=True, metadata={
+        "help": "read the prefix bidirectionally (Birdie's setting); --no-bidirectional: causal throughout"})
+    model_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "other fields of the model's config, a YAML mapping (e.g. {rnn_width: 384})"})
+    init_seed: int = field(default=0, metadata={"help": "seed of the model's initialisation"})
     # the server and the run
-    server_url: str | None = None  # None: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000
-    run_name: str = "birdie"  # the run to train on (flag --run-name; plain --run is ambiguous under torchrun)
-    create_run: bool = False  # POST /runs with the fields below (and total_steps = steps) first
-    preset: str = "birdie"
-    seq_len: int = 512
-    batch_size: int = 8
-    run_seed: int = 0  # the run's data seed
-    policy: str = "birdie"  # fixed | birdie | exp3
-    eval_steps: list[int] | None = None  # None: Birdie's schedule scaled to the run
-    validation_batches: int = 1  # per configuration, kept by the server (all are scored)
-    validation_rows: int | None = None  # score only the first rows of each (cheaper on a CPU)
-    steps: int | None = None  # training steps; None: the run's total_steps
-    stop_step: int | None = None  # end this session after this step (the schedule still spans `steps`)
+    server_url: str | None = field(default=None, metadata={
+        "help": "the objective server (default: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000)"})
+    run_name: str = field(default="birdie", metadata={
+        "help": "the run to train on (--run-name: a plain --run is ambiguous under torchrun)"})
+    create_run: bool = field(default=False, metadata={
+        "help": "create the run first (POST /runs) from the run fields below and total_steps = --steps; "
+                "the same config again is a no-op"})
+    preset: str = field(default="birdie", metadata={"help": "the run's objective preset (birdie, ul2, ...)"})
+    seq_len: int = field(default=512, metadata={"help": "the run's row length in tokens"})
+    batch_size: int = field(default=8, metadata={"help": "the run's rows per rank and step"})
+    run_seed: int = field(default=0, metadata={"help": "the run's data seed"})
+    policy: str = field(default="birdie", metadata={"help": "the run's mixture policy", "choices": sorted(POLICIES)})
+    eval_steps: list[int] | None = field(default=None, metadata={
+        "help": "the run's evaluation steps, a YAML list (default: Birdie's schedule scaled to the run)"})
+    validation_batches: int = field(default=1, metadata={
+        "help": "the run's validation batches per configuration, kept by the server (all are scored)"})
+    validation_rows: int | None = field(default=None, metadata={
+        "help": "score only the first rows of each validation batch (cheaper on a CPU; default: all)"})
+    steps: int | None = field(default=None, metadata={
+        "help": "training steps, the span of the lr schedule (default: the run's total_steps)"})
+    stop_step: int | None = field(default=None, metadata={
+        "help": "end this session after this step (the schedule still spans --steps)"})
     # optimisation
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0  # 0: no clipping
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine schedule ends at lr * min_lr_ratio"})
+    warmup_steps: int = field(default=20, metadata={"help": "steps of linear lr warmup"})
+    weight_decay: float = field(default=0.1, metadata={
+        "help": "AdamW weight decay (none on gates, RG-LRU parameters, norms and biases)"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas, a YAML list"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
     # evaluation, checkpoints, metrics
-    evaluate: bool = True  # validation losses at the run's evaluation steps
-    checkpoint_dir: str | None = None
-    checkpoint_interval: int = 0  # every this many steps (0: only at the end)
-    resume: str | None = None  # a checkpoint file, or "auto": the latest in checkpoint_dir if any
-    metrics_file: str | None = None  # JSON Lines, written by rank 0
+    evaluate: bool = field(default=True, metadata={"help": "validation losses at the run's evaluation steps"})
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "where checkpoints go (default: none)"})
+    checkpoint_interval: int = field(default=0, metadata={
+        "help": "checkpoint every this many steps (0: only at the end)"})
+    resume: str | None = field(default=None, metadata={
+        "help": "continue from a checkpoint file, or auto: the latest in --checkpoint-dir if any",
+        "metavar": "{FILE,auto}"})
+    metrics_file: str | None = field(default=None, metadata={
+        "help": "JSON Lines file of per-step and validation records, written by rank 0"})
     # runtime
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (a DDP rank takes cuda:LOCAL_RANK)
-    prefetch: int = 4  # batches fetched ahead
-    threads: int | None = None  # torch CPU threads (None: torch's default); fewer than the cores
-    # when the server shares the machine: an oversubscribed thread pool is many times slower
-    progress: bool = True
-    compile: bool = False  # torch.compile the model
+    device: str = field(default="auto", metadata={
+        "help": "auto: CUDA when available; a DDP rank on cuda takes cuda:LOCAL_RANK",
+        "metavar": "{auto,cpu,cuda,cuda:N}"})
+    prefetch: int = field(default=4, metadata={"help": "batches fetched ahead"})
+    # An oversubscribed thread pool is many times slower.
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads (default: torch's); fewer than the cores when the server shares the machine"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
 
     def __post_init__(self) -> None:
         checks = {
@@ -117,6 +140,7 @@ class TrainConfig:
             "min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "validation_batches": self.validation_batches >= 1,
             "validation_rows": self.validation_rows is None or self.validation_rows >= 1,
             "threads": self.threads is None or self.threads >= 1,
+            "model": self.model in MODELS, "policy": self.policy in POLICIES,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -232,18 +256,25 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
     parser = argparse.ArgumentParser(
         prog="birdie-train", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + __doc__.split("\n\n")[1],
     )
-    parser.add_argument("--config", help="YAML file of config fields (flags override it)")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config fields by their names "
+                        "(lr: 3.0e-4, eval_steps: [10, 50]); flags override it")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        options = dict(f.metadata)
         default = getattr(defaults, f.name)
+        if default is not None:
+            options["help"] += f" (default: {'on' if default is True else 'off' if default is False else default})"
+        options["help"] = options["help"].replace("%", "%%")
         if hints[f.name] is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"(default {default})")
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, **options)
         else:
-            parser.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=f"(default {default!r})",
-                                type=lambda text, t=hints[f.name], n=flag: _checked(t, text, n))
+            if "choices" not in options:
+                options.setdefault("metavar", f.name.upper())
+            parser.add_argument(flag, dest=f.name, type=lambda text, t=hints[f.name], n=flag: _checked(t, text, n),
+                                **options)
     given = vars(parser.parse_args(argv))
     config_path = given.pop("config", None)
     try:

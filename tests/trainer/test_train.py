@@ -213,6 +213,25 @@ def test_yaml_values_are_coerced_like_flags(tmp_path, capsys):
         assert f"{path}: {message}" in capsys.readouterr().err
 
 
+def test_help_explains_the_flags_and_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for meaning in ("--lr LR peak learning rate (default: 0.003)", "--d-model D_MODEL model width (default: 256)",
+                    "--bidirectional, --no-bidirectional read the prefix bidirectionally",
+                    "--grad-clip GRAD_CLIP clip the gradient norm to this (0: no clipping)",
+                    "--model {gated_ssm,hawk,transformer} architecture", "--policy {birdie,exp3,fixed}",
+                    "--device {auto,cpu,cuda,cuda:N}", "--resume {FILE,auto} continue from a checkpoint file",
+                    "examples: birdie-train --run-name demo", "torchrun --nproc_per_node 2 -m trainer.train",
+                    "birdie-train --config run.yaml --lr 1e-3"):
+        assert meaning in text
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "mamba"])
+    assert "argument --model: invalid choice: 'mamba'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="model='mamba'"):
+        config_from_mapping({"model": "mamba"})
+
+
 # --- optimiser and schedule ----------------------------------------------------------------------
 
 
