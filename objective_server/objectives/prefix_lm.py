@@ -7,6 +7,7 @@ averages f*n; both parts keep at least 4 tokens.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Annotated, Literal
 
 import numpy as np
@@ -22,9 +23,12 @@ MIN_PART = 4
 
 def split_bounds(n: int, fraction: float) -> tuple[int, int]:
     """Inclusive range of prefix lengths for n tokens (both parts >= MIN_PART when n allows)."""
-    spread = min(fraction, 1 - fraction)
-    low = max(math.ceil(n * (fraction - spread)), MIN_PART)
-    high = min(math.floor(n * (fraction + spread)), n - MIN_PART)
+    # Exact arithmetic on the fraction as written (0.55 is 55/100): in floats n * (f - d) can land
+    # just above an integer that it equals, and ceil then moves the bound by one.
+    f = Fraction(str(fraction))
+    spread = min(f, 1 - f)
+    low = max(math.ceil(n * (f - spread)), MIN_PART)
+    high = min(math.floor(n * (f + spread)), n - MIN_PART)
     # A fraction near 0 or 1 can put the whole range outside [MIN_PART, n - MIN_PART]; the
     # part-size rule wins then, which leaves the single split closest to the range.
     low = min(low, n - MIN_PART)

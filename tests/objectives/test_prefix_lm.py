@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from objective_server.objectives import PrefixLM
+from objective_server.objectives.prefix_lm import split_bounds
 
 from .strategies import SPECIAL, prefix_lms, property_test, rng_of, seeds, texts
 
@@ -21,11 +24,35 @@ def test_split_obeys_the_bounds(objective, raw, seed):
     assert ex.input[0] == SPECIAL["[S]"]
     assert np.array_equal(np.concatenate([ex.input[1:], ex.label]), raw)
     assert split >= 4 and n - split >= 4
-    f = objective.fraction
-    d = min(f, 1 - f)
-    low, high = math.ceil(n * (f - d)), math.floor(n * (f + d))
+    low, high = exact_range(n, objective.fraction)
     if max(low, 4) <= min(high, n - 4):  # the range meets the part-size rule
         assert low <= split <= high
+
+
+def exact_range(n, fraction):
+    """[n(f-d), n(f+d)] rounded inwards, in exact arithmetic on the fraction as written."""
+    f = Fraction(str(fraction))
+    d = min(f, 1 - f)
+    return math.ceil(n * (f - d)), math.floor(n * (f + d))
+
+
+# Multiples of 100 make n * f an integer for every percentage: where float error would show.
+@given(n=st.one_of(st.integers(8, 20_000), st.integers(1, 200).map(lambda k: 100 * k)),
+       fraction=st.one_of(st.integers(1, 99).map(lambda p: p / 100),
+                          st.integers(1, 999_999).map(lambda k: k / 10**6)))
+def test_split_bounds_are_the_exact_range_clipped_to_the_part_sizes(n, fraction):
+    low, high = exact_range(n, fraction)
+    expected_low = min(max(low, 4), n - 4)
+    assert split_bounds(n, fraction) == (expected_low, max(min(high, n - 4), expected_low))
+
+
+@pytest.mark.parametrize("n, fraction, bounds", [
+    (40, 0.55, (4, 36)),  # n(f - d) is 4 exactly; in floats 4.0000000000000036, so 5
+    (20, 0.8, (12, 16)),  # 12, not 12.000000000000002
+    (100, 0.65, (30, 96)),  # 30, not 30.000000000000004
+])
+def test_split_bounds_on_exact_products(n, fraction, bounds):
+    assert split_bounds(n, fraction) == bounds
 
 
 def test_split_is_uniform_over_its_range():
