@@ -65,6 +65,12 @@ log = logging.getLogger("birdie.train")
 CHECKPOINT_FORMAT = 1
 
 
+# The run fields of a run created with create_run when TrainConfig leaves them unset (eval_steps: the
+# server's schedule).
+RUN_DEFAULTS = {"preset": "birdie", "seq_len": 512, "batch_size": 8, "run_seed": 0, "policy": "birdie",
+                "eval_steps": None, "validation_batches": 1}
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training job; each field is a flag (`--d-model`) and a YAML key (`d_model`),
@@ -87,14 +93,16 @@ class TrainConfig:
     create_run: bool = field(default=False, metadata={
         "help": "create the run first (POST /runs) from the run fields below and total_steps = --steps; "
                 "the same config again is a no-op"})
-    preset: str = field(default="birdie", metadata={"help": "the run's objective preset (birdie, ul2, ...)"})
-    seq_len: int = field(default=512, metadata={"help": "the run's row length in tokens"})
-    batch_size: int = field(default=8, metadata={"help": "the run's rows per rank and step"})
-    run_seed: int = field(default=0, metadata={"help": "the run's data seed"})
-    policy: str = field(default="birdie", metadata={"help": "the run's mixture policy", "choices": sorted(POLICIES)})
+    # The run fields (RUN_DEFAULTS) shape a run created with create_run; an existing run has its
+    # own, and a value set here that differs from the run's is an error rather than ignored.
+    preset: str | None = field(default=None, metadata={"help": "the run's objective preset (birdie, ul2, ...)"})
+    seq_len: int | None = field(default=None, metadata={"help": "the run's row length in tokens"})
+    batch_size: int | None = field(default=None, metadata={"help": "the run's rows per rank and step"})
+    run_seed: int | None = field(default=None, metadata={"help": "the run's data seed"})
+    policy: str | None = field(default=None, metadata={"help": "the run's mixture policy", "choices": sorted(POLICIES)})
     eval_steps: list[int] | None = field(default=None, metadata={
         "help": "the run's evaluation steps, a YAML list (default: Birdie's schedule scaled to the run)"})
-    validation_batches: int = field(default=1, metadata={
+    validation_batches: int | None = field(default=None, metadata={
         "help": "the run's validation batches per configuration, kept by the server (all are scored)"})
     validation_rows: int | None = field(default=None, metadata={
         "help": "score only the first rows of each validation batch (cheaper on a CPU; default: all)"})
@@ -133,14 +141,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "d_model": self.d_model >= 1, "n_layers": self.n_layers >= 1, "seq_len": self.seq_len >= 1,
-            "batch_size": self.batch_size >= 1, "lr": self.lr > 0, "warmup_steps": self.warmup_steps >= 0,
-            "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
+            "d_model": self.d_model >= 1, "n_layers": self.n_layers >= 1,
+            "seq_len": self.seq_len is None or self.seq_len >= 1,
+            "batch_size": self.batch_size is None or self.batch_size >= 1, "lr": self.lr > 0,
+            "warmup_steps": self.warmup_steps >= 0, "weight_decay": self.weight_decay >= 0,
+            "grad_clip": self.grad_clip >= 0,
             "checkpoint_interval": self.checkpoint_interval >= 0, "prefetch": self.prefetch >= 1,
-            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "validation_batches": self.validation_batches >= 1,
+            "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "validation_batches": self.validation_batches is None or self.validation_batches >= 1,
             "validation_rows": self.validation_rows is None or self.validation_rows >= 1,
             "threads": self.threads is None or self.threads >= 1,
-            "model": self.model in MODELS, "policy": self.policy in POLICIES,
+            "model": self.model in MODELS, "policy": self.policy is None or self.policy in POLICIES,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -159,15 +170,25 @@ class TrainConfig:
             raise ValueError("resume='auto' looks in checkpoint_dir; set it")
 
     def run_config(self) -> dict[str, Any]:
-        """The RunConfig mapping POST /runs receives when `create_run` is set."""
+        """The RunConfig mapping POST /runs receives when `create_run` is set (RUN_DEFAULTS for unset run fields)."""
+        run = {name: default if (value := getattr(self, name)) is None else value for name, default in RUN_DEFAULTS.items()}
         config: dict[str, Any] = {
-            "name": self.run_name, "preset": self.preset, "seq_len": self.seq_len, "batch_size": self.batch_size,
-            "seed": self.run_seed, "policy": {"name": self.policy}, "total_steps": self.steps,
-            "validation_batches": self.validation_batches,
+            "name": self.run_name, "preset": run["preset"], "seq_len": run["seq_len"], "batch_size": run["batch_size"],
+            "seed": run["run_seed"], "policy": {"name": run["policy"]}, "total_steps": self.steps,
+            "validation_batches": run["validation_batches"],
         }
-        if self.eval_steps is not None:
-            config["eval_steps"] = list(self.eval_steps)
+        if run["eval_steps"] is not None:
+            config["eval_steps"] = list(run["eval_steps"])
         return config
+
+    def run_differences(self, run: Any) -> list[str]:
+        """The run fields set here that differ from the existing `run`'s (a RunInfo), as flag texts."""
+        have = {"preset": run.config.get("preset"), "seq_len": run.config["seq_len"],
+                "batch_size": run.config["batch_size"], "run_seed": run.config["seed"],
+                "policy": run.config["policy"]["name"], "eval_steps": run.eval_steps,
+                "validation_batches": run.config["validation_batches"]}
+        return [f"--{name.replace('_', '-')} {value} (the run has {have[name]})"
+                for name in have if (value := getattr(self, name)) is not None and value != have[name]]
 
     def model_fields(self, vocab_size: int) -> dict[str, Any]:
         return {"vocab_size": vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
@@ -264,9 +285,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         options = dict(f.metadata)
-        default = getattr(defaults, f.name)
+        default = RUN_DEFAULTS.get(f.name, getattr(defaults, f.name))
         if default is not None:
             options["help"] += f" (default: {'on' if default is True else 'off' if default is False else default})"
+        if f.name in RUN_DEFAULTS:
+            options["help"] += "; applies when creating a run (--create-run): an existing run's must equal it"
         options["help"] = options["help"].replace("%", "%%")
         if hints[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, **options)
@@ -509,6 +532,10 @@ def train(config: TrainConfig) -> TrainResult:
         if ddp.enabled:
             dist.barrier()
     info = client.run(config.run_name)
+    differences = config.run_differences(info)
+    if differences:
+        raise ValueError(f"run {config.run_name!r} already exists with other settings: {'; '.join(differences)}. "
+                         "Leave these out to train on it as it is, or create a new run (--create-run, a new --run-name)")
     names = [o.name for o in info.objectives]
     total_steps = config.steps or int(info.config["total_steps"])
     end_step = min(total_steps, config.stop_step or total_steps)

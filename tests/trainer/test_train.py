@@ -20,6 +20,7 @@ from trainer.train import (
     load_checkpoint,
     load_model,
     lr_factor,
+    main as train_main,
     parameter_groups,
     parse_args,
     train,
@@ -149,6 +150,33 @@ def test_create_run_from_the_config(server, client):
     assert result.end_step == 2 and len(result.validations) == 1
 
 
+def test_run_fields_that_differ_from_the_existing_run_are_an_error(server, client, tmp_path, capsys):
+    create_run(client, "shaped", total_steps=2, eval_steps=[2])
+    base = dict(**TINY, server_url=server.url, run_name="shaped")
+    with pytest.raises(ValueError, match=r"run 'shaped' already exists with other settings: --seq-len 128 "
+                                         r"\(the run has 64\); --policy birdie \(the run has fixed\)\. .*--create-run"):
+        train(TrainConfig(**base, seq_len=128, batch_size=4, policy="birdie"))
+    for fields in ({"batch_size": 8}, {"run_seed": 0}, {"eval_steps": [1, 2]}, {"validation_batches": 2},
+                   {"preset": "ntp"}):
+        with pytest.raises(ValueError, match=f"--{next(iter(fields)).replace('_', '-')} "):
+            train(TrainConfig(**base, **fields))
+    # The run's own values pass, and so does leaving them out.
+    result = train(TrainConfig(**base, seq_len=64, batch_size=4, run_seed=3, policy="fixed", eval_steps=[2],
+                               validation_batches=1, stop_step=1))
+    assert result.end_step == 1
+    # From the command line: a clear error, no traceback.
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--server-url", server.url, "--run-name", "shaped", "--seq-len", "128", "--device", "cpu",
+                    "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "birdie-train: error: run 'shaped' already exists with other settings: --seq-len 128" in capsys.readouterr().err
+    # Creating a run: unset run fields take RUN_DEFAULTS.
+    assert TrainConfig(run_name="x", create_run=True, steps=5, seq_len=128).run_config() == {
+        "name": "x", "preset": "birdie", "seq_len": 128, "batch_size": 8, "seed": 0, "policy": {"name": "birdie"},
+        "total_steps": 5, "validation_batches": 1,
+    }
+
+
 def test_unknown_run_is_a_clear_error(server):
     from clients import NotFoundError
 
@@ -223,7 +251,8 @@ def test_help_explains_the_flags_and_lists_the_choices(capsys):
                     "--model {gated_ssm,hawk,transformer} architecture", "--policy {birdie,exp3,fixed}",
                     "--device {auto,cpu,cuda,cuda:N}", "--resume {FILE,auto} continue from a checkpoint file",
                     "examples: birdie-train --run-name demo", "torchrun --nproc_per_node 2 -m trainer.train",
-                    "birdie-train --config run.yaml --lr 1e-3"):
+                    "birdie-train --config run.yaml --lr 1e-3",
+                    "--seq-len SEQ_LEN the run's row length in tokens (default: 512); applies when creating a run"):
         assert meaning in text
     with pytest.raises(SystemExit):
         parse_args(["--model", "mamba"])
