@@ -553,6 +553,14 @@ def train(config: TrainConfig) -> TrainResult:
             if state[key] != want:
                 raise ValueError(f"{resume_path}: checkpoint {key} is {state[key]!r}, this job's is {want!r} "
                                  "(batches are addressed by run, rank and world size)")
+        # Same shapes need not mean the same model: causal and bidirectional Hawk share them all.
+        built = dataclasses.asdict(model.config)
+        differing = [f"{key}={state['model_config'].get(key)!r} (this job's: {built.get(key)!r})"
+                     for key in sorted(state["model_config"].keys() | built.keys())
+                     if state["model_config"].get(key) != built.get(key)]
+        if differing:
+            raise ValueError(f"{resume_path}: the checkpoint's model has {', '.join(differing)}; resume with its "
+                             "settings (--d-model, --n-layers, --bidirectional/--no-bidirectional, --model-options)")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

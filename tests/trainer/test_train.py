@@ -141,6 +141,22 @@ def test_resume_refuses_another_world_size(server, client, tmp_path):
         train(TrainConfig(**TINY, server_url=server.url, run_name="guard", checkpoint_dir=str(tmp_path), resume="auto"))
 
 
+def test_resume_refuses_another_model_config(server, client, tmp_path):
+    create_run(client, "remodel", total_steps=2, eval_steps=[2])
+    base = dict(**TINY, server_url=server.url, run_name="remodel", checkpoint_dir=str(tmp_path))
+    train(TrainConfig(**{**base, "bidirectional": False}, stop_step=1))
+    # Causal and bidirectional Hawk have the same parameter shapes: only the stored config tells them apart.
+    for changed, message in (({}, r"bidirectional=False \(this job's: True\)"),
+                             ({"bidirectional": False, "model_options": {"gate_exponent": 4.0}},
+                              r"gate_exponent=8\.0 \(this job's: 4\.0\)"),
+                             ({"bidirectional": False, "d_model": 48}, r"d_model=32 \(this job's: 48\)")):
+        with pytest.raises(ValueError, match=message):
+            train(TrainConfig(**{**base, **changed}, resume="auto"))
+    resumed = train(TrainConfig(**{**base, "bidirectional": False}, resume="auto"))
+    assert resumed.start_step == 1 and resumed.model.config.bidirectional is False
+    assert load_checkpoint(latest_checkpoint(tmp_path))["model_config"]["bidirectional"] is False
+
+
 def test_create_run_from_the_config(server, client):
     config = TrainConfig(**TINY, server_url=server.url, run_name="created", create_run=True, preset="ntp", seq_len=128,
                          batch_size=2, policy="fixed", steps=2, eval_steps=[1])
