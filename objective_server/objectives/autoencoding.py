@@ -5,8 +5,9 @@ spans.py). With `deshuffle`, the paradigm is [AE_DESHUFFLE] and the kept pieces 
 spans are also put in a random order that is never the identity (the reference code never
 shuffled). Sentinels stay where they are: the i-th sentinel still follows the i-th piece of the
 input, so it marks "a gap follows" without revealing where the piece stood; the model has to
-recover the order from the content. With deshuffling at least two spans are cut wherever the
-text allows, so there are two pieces to permute.
+recover the order from the content. With deshuffling an example needs enough raw tokens for two
+noise spans and two kept pieces (`min_raw`, e.g. 10 at 15 % noise), so there is always an order to
+recover; fewer tokens would give plain autoencoding under the [AE_DESHUFFLE] paradigm.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class Objective(BaseModel, ABC):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     family: ClassVar[str]
-    # Fewest corpus tokens an example of this objective is made from.
+    # Fewest corpus tokens an example of this objective is made from (a configuration may need more).
     min_raw: ClassVar[int] = 8
 
     @property

@@ -11,7 +11,9 @@ sentinels.
 from __future__ import annotations
 
 import bisect
+import math
 from abc import abstractmethod
+from functools import cached_property
 from typing import Annotated
 
 import numpy as np
@@ -135,6 +137,18 @@ class SpanCorruption(NamedObjective):
 
     def min_spans(self) -> int:
         return 1
+
+    @cached_property
+    def min_raw(self) -> int:  # type: ignore[override]
+        """Fewest raw tokens an example is made from: 8, or more where min_spans() spans need
+        more (each span needs a noise token and a kept piece before it: min_spans() = 2 gives
+        autoencoding with deshuffling two pieces to permute)."""
+        k = self.min_spans()
+        # Enough for both noise_count >= k and n - noise_count >= k, whatever the rounding.
+        upper = max(super().min_raw, math.ceil((k + 1) / min(self.rate, 1 - self.rate)))
+        lengths = range(super().min_raw, upper + 1)
+        return lengths[bisect.bisect_left(
+            lengths, True, key=lambda n: span_count(n, self.rate, self.mean_span, k) >= k)]
 
     @abstractmethod
     def size(self, n: int) -> int:

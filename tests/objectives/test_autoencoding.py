@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,8 +41,9 @@ def positions_in(raw: np.ndarray, piece: np.ndarray) -> int:
 
 
 @property_test
-@given(objective=autoencodings, raw=texts(), seed=seeds)
-def test_label_is_the_original_and_pieces_cover_the_kept_tokens(objective, raw, seed):
+@given(objective=autoencodings, seed=seeds, data=st.data())
+def test_label_is_the_original_and_pieces_cover_the_kept_tokens(objective, seed, data):
+    raw = data.draw(texts(min_size=objective.min_raw))
     ex = objective.build(raw, rng_of(seed), SPECIAL)
     n = len(raw)
     assert np.array_equal(ex.label, raw)
@@ -61,8 +63,9 @@ def test_label_is_the_original_and_pieces_cover_the_kept_tokens(objective, raw, 
 
 
 @property_test
-@given(objective=autoencodings, raw=texts(distinct=True), seed=seeds)
-def test_pieces_are_the_text_between_noise_spans(objective, raw, seed):
+@given(objective=autoencodings, seed=seeds, data=st.data())
+def test_pieces_are_the_text_between_noise_spans(objective, seed, data):
+    raw = data.draw(texts(min_size=objective.min_raw, distinct=True))
     ex = objective.build(raw, rng_of(seed), SPECIAL)
     _, pieces = pieces_of(ex)
     starts = [positions_in(raw, p) for p in pieces]
@@ -73,18 +76,38 @@ def test_pieces_are_the_text_between_noise_spans(objective, raw, seed):
     ends = [s + len(p) for s, p in zip(sorted(starts), ordered)]
     assert all(end < nxt for end, nxt in zip(ends, sorted(starts)[1:]))
     assert ends[-1] < len(raw)
-    if objective.deshuffle and len(pieces) >= 2:
-        assert not np.array_equal(in_text_order, np.arange(len(pieces)))
+    if objective.deshuffle:  # min_raw leaves two pieces at least, and they are out of order
+        assert len(pieces) >= 2 and not np.array_equal(in_text_order, np.arange(len(pieces)))
     if not objective.deshuffle:
         assert np.array_equal(in_text_order, np.arange(len(pieces)))
 
 
 @given(n=st.integers(8, 3000), rate=rates, mean_span=mean_spans)
-def test_deshuffling_cuts_two_pieces_wherever_the_text_allows(n, rate, mean_span):
+def test_deshuffling_needs_the_fewest_raw_tokens_that_give_two_pieces(n, rate, mean_span):
+    objective = Autoencoding(deshuffle=True, rate=rate, mean_span=mean_span)
     noise = noise_count(n, rate)
-    spans = span_count(n, rate, mean_span, Autoencoding(deshuffle=True).min_spans())
-    if noise >= 2 and n - noise >= 2:
-        assert spans >= 2
+    two_pieces = noise >= 2 and n - noise >= 2
+    assert (n >= objective.min_raw) == two_pieces
+    assert (span_count(n, rate, mean_span, objective.min_spans()) >= 2) == two_pieces
+    assert Autoencoding(rate=rate, mean_span=mean_span).min_raw == 8  # one piece is enough
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.15, 0.5, 0.85, 0.95])
+@pytest.mark.parametrize("mean_span", [1, 3, 8, 32])
+def test_every_deshuffled_example_in_small_spaces_has_two_pieces_out_of_order(rate, mean_span):
+    objective = Autoencoding(deshuffle=True, rate=rate, mean_span=mean_span, length=400)
+    built = 0
+    for space in range(8, 400):
+        n = objective.raw_length(space, rng_of(0))
+        if n == 0:
+            assert built == 0  # only spaces too small for min_raw tokens give nothing
+            continue
+        raw = np.arange(1000, 1000 + n)
+        _, pieces = pieces_of(objective.build(raw, rng_of(space), SPECIAL))
+        starts = [positions_in(raw, p) for p in pieces]
+        assert len(pieces) >= 2 and starts != sorted(starts), (space, n)
+        built += 1
+    assert built > 0
 
 
 @given(k=st.integers(1, 6), seed=seeds)
