@@ -1,7 +1,11 @@
 """Named mixtures of objective configurations with their initial probabilities.
 
 - `birdie`: all seven families over a grid close to the paper's (about 55 configurations at
-  seq_len 2048); uniform over families, then uniform within each family.
+  seq_len 2048); uniform over families, then uniform within each family. At 85 % noise every noise
+  span needs a kept token before it, which caps the span count at the kept tokens: the two
+  `autoencoding*.span3.mask85` configurations cut noise spans of mean 0.85 / 0.15 = 5.7 tokens
+  between single kept tokens (span 8 and 32 are as named). The names keep stating the parameters
+  asked for, so runs that name them are unchanged.
 - `ul2`: UL2's seven denoisers: R (3, 15 %), (8, 15 %); X (3, 50 %), (8, 50 %), (64, 15 %),
   (64, 50 %); S (prefix LM 75 %). S gets 20 % and the six R/X denoisers share the rest evenly.
 - `decoder-ul2`: 60 % NTP, 20 % prefix LM, 10 % infilling (3, 15 %), 10 % infilling (32, 50 %).

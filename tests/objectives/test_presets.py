@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
 from objective_server.objectives import FAMILIES, Infilling, parse_objective
 from objective_server.objectives.presets import list_presets, preset
 
-from .strategies import rng_of
+from .strategies import SPECIAL, rng_of
 
 SEQ_LENS = (128, 512, 2048, 8192)
 
@@ -60,6 +61,24 @@ def test_birdie_grid_at_2048():
     assert autoencoding == {(r, s, d) for r in (0.15, 0.85) for s in (3, 8, 32)
                             for d in (False, True)}
     assert {o.family for o in objectives} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
+def test_autoencoding_at_85_percent_noise_has_the_mean_spans_the_docs_state(seq_len):
+    # presets.py and README: span 3 becomes about 0.85 / 0.15 = 5.7 (one kept token per span);
+    # spans 8 and 32 are as named.
+    for objective, _ in preset("birdie", seq_len=seq_len):
+        if objective.family != "autoencoding" or objective.rate != 0.85:
+            continue
+        raw = np.arange(1000, 1000 + objective.length)
+        ex = objective.build(raw, rng_of(0), SPECIAL)
+        spans = int(np.isin(ex.input, SPECIAL.sentinels).sum())
+        kept = len(ex.input) - 1 - spans
+        mean_span = (len(raw) - kept) / spans
+        if objective.mean_span == 3:
+            assert kept == spans and 5.3 < mean_span < 5.8, objective.name
+        else:
+            assert abs(mean_span / objective.mean_span - 1) < 0.2, objective.name
 
 
 def test_ul2():
