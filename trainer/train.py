@@ -404,6 +404,18 @@ def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int, devi
     return optimizer, scheduler
 
 
+def load_optimizer_state(optimizer, scheduler, state: dict[str, Any]) -> None:
+    """A checkpoint's optimiser moments and schedule step under this job's lr, betas and weight decay
+    (their state dicts bring back the checkpoint's): the schedule continues at its step, towards this
+    job's peak lr."""
+    wanted = [{key: group[key] for key in ("initial_lr", "betas", "weight_decay")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = [w["initial_lr"] for w in wanted]
+    for group, w, lr_lambda in zip(optimizer.param_groups, wanted, scheduler.lr_lambdas):
+        group.update(w, lr=w["initial_lr"] * lr_lambda(scheduler.last_epoch))
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -562,8 +574,7 @@ def train(config: TrainConfig) -> TrainResult:
             raise ValueError(f"{resume_path}: the checkpoint's model has {', '.join(differing)}; resume with its "
                              "settings (--d-model, --n-layers, --bidirectional/--no-bidirectional, --model-options)")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(optimizer, scheduler, state)
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
@@ -571,6 +582,11 @@ def train(config: TrainConfig) -> TrainResult:
         if start_step > end_step:
             raise ValueError(f"{resume_path} is at step {start_step}, past this session's end (step {end_step})")
         log.info("resumed from %s at step %d", resume_path, start_step)
+        changed = [f"{key} {state['config'][key]} -> {getattr(config, key)}"
+                   for key in ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip")
+                   if state["config"][key] != getattr(config, key)]
+        if changed:
+            log.info("hyperparameters changed on resume: %s", ", ".join(changed))
     train_model: nn.Module = model
     if config.compile:
         train_model = torch.compile(train_model)
@@ -625,7 +641,7 @@ def train(config: TrainConfig) -> TrainResult:
             total_loss, total_count = sum(totals[: len(names)]), sum(totals[len(names):])
             if not math.isfinite(total_loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
                 raise FloatingPointError(f"step {step}: the loss or the gradient is not finite; lower the lr or check the data")
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             post = {names[i]: (local[i] / local[len(names) + i], int(local[len(names) + i]))

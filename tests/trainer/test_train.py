@@ -5,6 +5,7 @@ the config, optimiser groups, schedule and checkpoints on their own."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -127,6 +128,33 @@ def test_resume_continues_with_identical_batches_and_state(server, client, tmp_p
     model, saved = load_model(tmp_path / "split" / "step_00000006.pt")
     assert saved["run"] == "resume" and saved["world_size"] == 1
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), straight.model.parameters()))
+
+
+def test_resume_uses_this_jobs_lr_betas_and_weight_decay(server, client, tmp_path, caplog):
+    create_run(client, "retune", total_steps=6, eval_steps=[6])
+    base = dict(**TINY, server_url=server.url, run_name="retune", warmup_steps=2)
+    train(TrainConfig(**base, lr=5e-3, checkpoint_dir=str(tmp_path), stop_step=3))
+    checkpoint = tmp_path / "step_00000003.pt"
+    start = load_checkpoint(checkpoint)["model"]
+    # One more step from the same state and batch: AdamW's update is proportional to the lr used.
+    steps = {lr: train(TrainConfig(**base, lr=lr, resume=str(checkpoint), stop_step=4)) for lr in (5e-3, 1e-3)}
+    assert steps[1e-3].history[0]["lr"] == pytest.approx(1e-3 * lr_factor(3, 2, 6, 0.1))
+    old, new = (steps[lr].model.state_dict() for lr in (5e-3, 1e-3))
+    for name, before in start.items():
+        torch.testing.assert_close(new[name] - before, (old[name] - before) * 0.2, rtol=1e-3, atol=1e-6, msg=name)
+
+    caplog.set_level(logging.INFO, logger="birdie.train")
+    retuned = train(TrainConfig(**base, lr=1e-3, betas=[0.8, 0.9], weight_decay=0.05, resume=str(checkpoint),
+                                checkpoint_dir=str(tmp_path / "retuned")))
+    assert "hyperparameters changed on resume: lr 0.005 -> 0.001, weight_decay 0.1 -> 0.05, " \
+           "betas [0.9, 0.95] -> [0.8, 0.9]" in caplog.text
+    assert [r["lr"] for r in retuned.history] == pytest.approx([1e-3 * lr_factor(s, 2, 6, 0.1) for s in (3, 4, 5)])
+    saved = load_checkpoint(tmp_path / "retuned" / "step_00000006.pt")
+    assert saved["scheduler"]["base_lrs"] == [1e-3, 1e-3]
+    decayed, free = saved["optimizer"]["param_groups"]
+    assert decayed["initial_lr"] == free["initial_lr"] == 1e-3 and decayed["lr"] == pytest.approx(1e-4)
+    assert tuple(decayed["betas"]) == tuple(free["betas"]) == (0.8, 0.9)
+    assert decayed["weight_decay"] == 0.05 and free["weight_decay"] == 0.0
 
 
 def test_resume_refuses_another_world_size(server, client, tmp_path):
