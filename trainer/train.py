@@ -486,12 +486,20 @@ def batch_digest(input_ids) -> str:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; a no-op without a path."""
+    """Appends one JSON object per line; a no-op without a path. Resuming at `resume_step`, it first
+    rewrites the file (atomically) with only what happened before that step's checkpoint, so the
+    records a crashed session wrote after it are not doubled when the steps are trained again."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, resume_step: int | None = None):
         self.file = None
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and path.exists():
+                kept = [line for line in path.read_text().splitlines() if _recorded_before(line, resume_step)]
+                temporary = path.with_name(path.name + ".tmp")
+                temporary.write_text("".join(line + "\n" for line in kept))
+                os.replace(temporary, path)
             self.file = open(path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -501,6 +509,16 @@ class MetricsWriter:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def _recorded_before(line: str, step: int) -> bool:
+    """Whether a metrics line is from before the checkpoint at `step`: a training step before it, an
+    evaluation at it or before (evaluation s precedes checkpoint s); a line cut short is not."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return record["step"] <= step if record["kind"] == "validation" else record["step"] < step
 
 
 @dataclass
@@ -595,7 +613,7 @@ def train(config: TrainConfig) -> TrainResult:
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    metrics = MetricsWriter(config.metrics_file if ddp.is_main else None)
+    metrics = MetricsWriter(config.metrics_file if ddp.is_main else None, start_step if resume_path else None)
     poster = LossPoster(client)
     batches = BatchIterator(client, config.run_name, ddp.rank, ddp.world_size, start_step, config.prefetch, end_step=end_step)
     validation_cache: list | None = None

@@ -157,6 +157,32 @@ def test_resume_uses_this_jobs_lr_betas_and_weight_decay(server, client, tmp_pat
     assert decayed["weight_decay"] == 0.05 and free["weight_decay"] == 0.0
 
 
+def test_resume_after_a_crash_keeps_each_metrics_record_once(server, client, tmp_path):
+    create_run(client, "crashed", total_steps=6, eval_steps=[2, 4])
+    metrics = tmp_path / "metrics.jsonl"
+    base = dict(**TINY, server_url=server.url, run_name="crashed", checkpoint_dir=str(tmp_path / "ckpt"),
+                checkpoint_interval=2, metrics_file=str(metrics))
+    first = train(TrainConfig(**base, stop_step=4))
+    # The crash: after step 3 and evaluation 4, before checkpoint 4 was written, in the middle of a line.
+    (tmp_path / "ckpt" / "step_00000004.pt").unlink()
+    with open(metrics, "a") as f:
+        f.write('{"kind": "train", "st')
+    second = train(TrainConfig(**base, resume="auto"))
+    assert second.start_step == 2
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 0), ("train", 1), ("validation", 2), ("train", 2), ("train", 3), ("validation", 4),
+        ("train", 4), ("train", 5),
+    ]
+    # Kept from the first session, then the second session's own.
+    assert [r["batch"] for r in records if r["kind"] == "train"] == (
+        [r["batch"] for r in first.history[:2]] + [r["batch"] for r in second.history])
+    assert records[2]["losses"] == first.validations[0]["losses"]
+    assert records[5]["losses"] == second.validations[0]["losses"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "metrics.jsonl"]
+
+
 def test_resume_refuses_another_world_size(server, client, tmp_path):
     create_run(client, "guard", total_steps=2, eval_steps=[2])
     config = TrainConfig(**TINY, server_url=server.url, run_name="guard", checkpoint_dir=str(tmp_path), stop_step=1)
