@@ -28,7 +28,8 @@ class LossPostResponse(BaseModel):
     ranks_posted: int
     world_size: int
     completed: bool = False  # this post completed (split, step) across all ranks
-    policy_updated: bool = False  # and the policy consumed it
+    policy_updated: bool = False  # and the policy took it into account
+    policy_note: str | None = None  # why the policy did not, when it consumed it without effect
     mixture_version: int | None = None  # the latest mixture version after this post
 
 

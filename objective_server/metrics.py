@@ -65,6 +65,10 @@ class Metrics:
         self.policy_updates = Counter(
             "birdie_policy_updates", "Completed observations the policy consumed", ["run", "split"], registry=r
         )
+        self.policy_failures = Counter(
+            "birdie_policy_failures", "Completed observations the policy failed on (consumed, state unchanged)",
+            ["run", "split"], registry=r,
+        )
         self.policy_latency = Histogram(
             "birdie_policy_update_seconds", "Time of one policy update", ["run"],
             buckets=LATENCY_BUCKETS, registry=r,

@@ -263,9 +263,7 @@ class BirdiePolicy(Policy):
         unknown = sorted(set(observation.losses) - set(self.names))
         if unknown:
             raise ValueError(f"losses for configurations not in this run: {unknown}")
-        present = [observation.losses[n] for n in self.names if n in observation.losses]
-        if not present:
-            raise ValueError(f"validation step {observation.step} has no losses")
+        present = [observation.losses[n] for n in self.names if n in observation.losses]  # not empty: see update
         for name, value in observation.losses.items():
             if not math.isfinite(value):
                 raise ValueError(f"loss of {name!r} is not finite: {value!r}")
@@ -287,6 +285,10 @@ class BirdiePolicy(Policy):
             # A late evaluation (its last rank posted after a later evaluation completed) cannot be
             # put into the past of the history; raising would leave it pending forever.
             return Decision(state=state, meta={"step": step, "ignored": "not after the last evaluation"})
+        if not observation.losses:
+            # Every rank scored zero validation tokens: nothing to learn from, and nothing wrong with
+            # the run either.
+            return Decision(state=state, meta={"step": step, "ignored": "no validation tokens"})
         previous = header["losses"][-1] if header["losses"] else None
         losses, imputed = self._loss_vector(observation, previous)
         if previous is not None:  # completes the row [previous losses, action since] -> rewards

@@ -1,13 +1,17 @@
 """Loss posts and the policy updates they trigger.
 
 A post is checked completely before the store sees it (known run, every configuration name in the
-run, finite non-negative losses, token counts, rank < world_size), so a rejected post changes
-nothing. The store counts each (run, split, step, rank) once; the post that completes a (split,
+run, finite non-negative losses, token counts, rank < world_size, a step the run has trained: a
+training post for a served step, an evaluation after at most max_served + 1 steps), so a rejected
+post changes nothing. The store counts each (run, split, step, rank) once; the post that completes a (split,
 step) across all ranks gets the aggregate, which joins the run's pending queue.
 
 Draining the queue is the policy update: under the run's store lock, read the policy state and
 its version, fold the next pending observation into it (in a thread: a policy may take seconds),
-and commit with compare-and-set on the version, consuming exactly those aggregates. Drains run when
+and commit with compare-and-set on the version, consuming exactly those aggregates. An observation
+the policy fails on (a policy is a pure function of its state and the observation, so it would fail
+again) is consumed with the state unchanged, logged and counted in birdie_policy_failures_total:
+one bad evaluation must not hold back every later one. Drains run when
 a post completes an observation the policy wants, and also on later requests (throttled), so an
 aggregate left pending by a crash between completion and commit is picked up by the next request
 to any worker or replica: nothing is lost, and the CAS makes sure nothing is applied twice.
@@ -20,7 +24,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from clients.models import LossPostBody, LossPostResponse
 from objective_server.metrics import Metrics
@@ -52,6 +56,8 @@ class DrainResult:
     consumed: tuple[tuple[str, int], ...] = ()  # (split, step) keys this drain committed
     mixture_version: int | None = None  # the last mixture it published, if any
     lock_busy: bool = False  # another drain held the lock for longer than we waited
+    not_applied: dict[tuple[str, int], str] = field(default_factory=dict)  # consumed, but the policy
+    # ignored it or failed on it: why
 
 
 class LossService:
@@ -101,9 +107,29 @@ class LossService:
         except ValueError as error:
             raise InvalidRequest(str(error)) from None
 
+    async def _check_trained(self, context: RunContext, post: LossPost) -> None:
+        """InvalidRequest unless the run has trained `post.step`: a training post needs the step served,
+        an evaluation after `step` training steps needs step - 1 served. A typo'd step would otherwise
+        enter the policy's history (and put every real evaluation before it into its past)."""
+        validation = post.split == "validation"
+
+        def limit(timeline) -> int:
+            return timeline.max_served + (1 if validation else 0)
+
+        if context.timeline is not None and post.step <= limit(context.timeline):
+            return  # max_served only grows: a cached pass stays true
+        context.remember(await self.store.timeline(context.name, known=context.timeline))
+        if post.step > limit(context.timeline):
+            raise InvalidRequest(
+                f"run {context.name!r} has not trained that far: it has served training batches up to step "
+                f"{context.timeline.max_served}, so a {post.split} post may name a step up to "
+                f"{limit(context.timeline)}, got {post.step}"
+            )
+
     async def post(self, body: LossPostBody) -> LossPostResponse:
         context = await self.registry.get(body.run)
         post = self.check(context, body)
+        await self._check_trained(context, post)
         outcome = await self.store.post_losses(context.name, post)
         status = "duplicate" if outcome.duplicate else "accepted"
         self.metrics.loss_posts.labels(context.name, post.split, status).inc()
@@ -129,7 +155,9 @@ class LossService:
         if completed is not None:
             # A drain that ran to the end consumed everything pending when it started, ours included
             # (by this drain or by one just before it).
-            response.policy_updated = not result.lock_busy
+            reason = result.not_applied.get(completed.key)
+            response.policy_updated = not result.lock_busy and reason is None
+            response.policy_note = reason
             response.mixture_version = result.mixture_version
             if response.mixture_version is None:
                 response.mixture_version = await self._latest_version(context)
@@ -172,12 +200,13 @@ class LossService:
     async def _drain_locked(self, context: RunContext) -> DrainResult:
         policy = context.policy
         consumed: list[tuple[str, int]] = []
+        not_applied: dict[tuple[str, int], str] = {}
         mixture_version = None
         conflicts = 0
         while True:
             pending = await self.store.pending(context.name)
             if not pending:
-                return DrainResult(tuple(consumed), mixture_version)
+                return DrainResult(tuple(consumed), mixture_version, not_applied=not_applied)
             # Observations the policy does not want are consumed along with the next one it does.
             batch: list[Aggregate] = []
             for aggregate in pending:
@@ -187,8 +216,16 @@ class LossService:
             observation = batch[-1] if batch[-1].split in policy.observes else None
             version, state = await self.store.policy_state(context.name)
             decision = Decision(state=state)
+            failure = None
             if observation is not None:
-                decision = await self._update(context, state, observation)
+                try:
+                    decision = await self._update(context, state, observation)
+                except Exception as error:  # noqa: BLE001 - any policy failure: consume, keep the state
+                    failure = f"the policy failed on it: {type(error).__name__}: {error}"
+                    log.exception(
+                        "run %s: the policy failed on the %s losses of step %d; consumed with the policy state "
+                        "unchanged", context.name, observation.split, observation.step,
+                    )
             probabilities = _normalised(decision.probabilities) if decision.probabilities is not None else None
             try:
                 outcome = await self.store.commit_policy(
@@ -204,7 +241,12 @@ class LossService:
                     raise LockNotAcquired(f"run {context.name!r}: policy state kept changing under the lock")
                 continue
             consumed += [a.key for a in batch]
-            if observation is not None:
+            if failure is not None:
+                not_applied[observation.key] = failure
+                self.metrics.policy_failures.labels(context.name, observation.split).inc()
+            elif observation is not None:
+                if "ignored" in decision.meta:
+                    not_applied[observation.key] = f"the policy ignored it: {decision.meta['ignored']}"
                 self.metrics.policy_updates.labels(context.name, observation.split).inc()
             if outcome.mixture_version is not None:
                 mixture_version = outcome.mixture_version

@@ -148,6 +148,7 @@ def test_loss_posts_survive_a_server_restart_and_arrive_once(live) -> None:
     server = live()
     with BirdieClient(server.url, **FAST) as client:
         names = [o.name for o in client.run(RUN).objectives]
+        client.batch(RUN, step=4)
         poster = LossPoster(client)
         poster.post(validation_post(4, 0, names))
         assert poster.flush(timeout=30)
@@ -174,6 +175,7 @@ def test_loss_posts_wait_out_a_redis_outage(live, redis_server) -> None:
     server = live()
     with BirdieClient(server.url, **FAST) as client, LossPoster(client) as poster:
         names = [o.name for o in client.run(RUN).objectives]
+        client.batch(RUN, step=9)
         redis_server.kill()
         assert client.readyz() is False
         with pytest.raises(TransientHTTPError) as unavailable:
@@ -240,6 +242,7 @@ def test_mixture_plot_draws_the_history_and_its_evaluations(live, tmp_path) -> N
     server = live()
     with BirdieClient(server.url, **FAST) as client:
         names = [o.name for o in client.run(RUN).objectives]
+        client.batch(RUN, step=7)  # the server takes losses only for steps the run has trained
         for step in (4, 8):
             for rank in (0, 1):
                 client.post_losses(validation_post(step, rank, names))

@@ -24,15 +24,18 @@ class RotatingPolicy(Policy):
     name = "rotating"
     observes = ("validation",)
 
-    def __init__(self, config: RunConfig, delay_s: float = 0.0) -> None:
+    def __init__(self, config: RunConfig, delay_s: float = 0.0, fail_at: tuple[int, ...] = ()) -> None:
         super().__init__(config)
         self.delay_s = delay_s  # widens the window in which concurrent posts could double-apply
+        self.fail_at = tuple(fail_at)  # steps whose observation makes the policy raise
 
     def initial_state(self) -> bytes:
         return json.dumps({"observed": []}).encode()
 
     def update(self, state: bytes, observation: Aggregate) -> Decision:
         time.sleep(self.delay_s)
+        if observation.step in self.fail_at:
+            raise RuntimeError(f"no update for step {observation.step} (fail_at)")
         s = json.loads(state)
         s["observed"].append([observation.split, observation.step])
         return Decision(

@@ -288,6 +288,7 @@ def test_each_evaluation_updates_the_policy_exactly_once_across_concurrent_ranks
     replicas = [live_server(env, factory=POLICY_FACTORY) for _ in range(2)]
     names = names_of(replicas[0])
     world, evaluations = 6, (4, 8, 12)
+    get_batch(replicas[0], step=max(evaluations) - 1)  # losses are only taken for trained steps
     answers = []
 
     def post(args):
@@ -342,6 +343,7 @@ def test_an_aggregate_left_pending_by_a_crash_is_drained_by_the_next_server_or_r
     asyncio.run(complete_without_draining(8))
     time.sleep(0.3)  # past the drain interval
     name = names[1]
+    get_batch(server, step=0)
     answer = server.post("/losses", json={"run": "small", "step": 0, "losses": {name: 1.0}, "tokens": {name: 1}})
     assert answer.json()["status"] == "accepted"
     state = mixture(server)

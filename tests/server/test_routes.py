@@ -144,6 +144,43 @@ async def test_mixture_changes_apply_from_the_step_after_the_highest_served(app_
     assert (await batch(client, run="rot", step=4)).headers["x-birdie-mixture-version"] == "1"
 
 
+async def test_a_policy_failure_consumes_that_evaluation_and_later_ones_still_apply(app_client):
+    client = await app_client(run_files=[], drain_interval_s=0.01)
+    config = run_config("rot", policy={"name": "rotating", "options": {"fail_at": [4]}})
+    names = [o["name"] for o in (await client.post("/runs", json=config)).json()["objectives"]]
+    await batch(client, run="rot", step=7)
+    post = {"run": "rot", "split": "validation", "losses": {names[0]: 2.0}, "tokens": {names[0]: 10}}
+    failed = (await client.post("/losses", json={**post, "step": 4})).json()
+    assert failed["completed"] and not failed["policy_updated"] and "RuntimeError" in failed["policy_note"]
+    applied = (await client.post("/losses", json={**post, "step": 8})).json()
+    assert applied["policy_updated"] and applied["policy_note"] is None and applied["mixture_version"] == 1
+    mixture = (await client.get("/mixture", params={"run": "rot"})).json()
+    assert mixture["meta"]["policy_state"]["observed"] == [["validation", 8]]
+    history = (await client.get("/mixture/history", params={"run": "rot"})).json()
+    assert [e["step"] for e in history["evaluations"]] == [4, 8]  # both consumed, nothing left pending
+    text = (await client.get("/metrics")).text
+    assert 'birdie_policy_failures_total{run="rot",split="validation"} 1.0' in text
+    assert 'birdie_policy_updates_total{run="rot",split="validation"} 1.0' in text
+
+
+async def test_losses_are_taken_only_for_steps_the_run_has_trained(app_client):
+    client = await app_client(run_files=[], drain_interval_s=0.01)
+    names = [o["name"] for o in (await client.post("/runs", json=run_config("rot", policy={"name": "rotating"}))).json()["objectives"]]
+    post = {"run": "rot", "losses": {names[0]: 2.0}, "tokens": {names[0]: 10}}
+    nothing_served = await client.post("/losses", json={**post, "step": 0})
+    assert nothing_served.status_code == 422 and "served training batches up to step -1" in nothing_served.text
+    await batch(client, run="rot", step=3)
+    before = await state_of(client, "rot")
+    for split, step in (("train", 4), ("validation", 5), ("validation", 400000)):
+        rejected = await client.post("/losses", json={**post, "split": split, "step": step})
+        assert rejected.status_code == 422 and f"got {step}" in rejected.text, rejected.text
+    assert await state_of(client, "rot") == before
+    # The highest trained step, and the evaluation after it, are taken.
+    assert (await client.post("/losses", json={**post, "split": "train", "step": 3})).json()["status"] == "accepted"
+    evaluation = (await client.post("/losses", json={**post, "split": "validation", "step": 4})).json()
+    assert evaluation["policy_updated"] and evaluation["mixture_version"] == 1
+
+
 # --- runs, objectives, tokenizer, metrics -------------------------------------------------------
 
 
