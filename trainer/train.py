@@ -18,7 +18,8 @@ One loop, top to bottom:
    per-configuration losses of this rank's batch are posted (`LossPoster`, never blocking).
 5. At the run's evaluation steps: per-configuration validation losses on the server's fixed
    validation batches, each rank scoring its share of the configurations and posting them with
-   split="validation" (the server aggregates the ranks token-weighted and updates the mixture).
+   split="validation" (the server aggregates the ranks token-weighted and updates the mixture);
+   the ranks' sums are reduced for the metrics, so they cover every configuration.
 6. Progress bar (loss, tokens/s, share of step time spent waiting for data), a JSON Lines
    metrics file and checkpoints.
 
@@ -617,6 +618,8 @@ def train(config: TrainConfig) -> TrainResult:
     poster = LossPoster(client)
     batches = BatchIterator(client, config.run_name, ddp.rank, ddp.world_size, start_step, config.prefetch, end_step=end_step)
     validation_cache: list | None = None
+    # A rank beyond the configurations' count scores one anyway (every rank posts) but adds nothing to the totals.
+    own_share = names[ddp.rank :: ddp.world_size]
     history: list[dict[str, Any]] = []
     validations: list[dict[str, Any]] = []
     from tqdm.auto import tqdm
@@ -692,7 +695,7 @@ def train(config: TrainConfig) -> TrainResult:
             done = step + 1
             if done in eval_steps:
                 if validation_cache is None:
-                    share = names[ddp.rank :: ddp.world_size] or [names[ddp.rank % len(names)]]
+                    share = own_share or [names[ddp.rank % len(names)]]
                     n_batches = int(info.config.get("validation_batches", 1))
                     validation_cache = fetch_validation_batches(client, config.run_name, share, n_batches)
                 evaluation_started = time.perf_counter()
@@ -701,8 +704,17 @@ def train(config: TrainConfig) -> TrainResult:
                     run=config.run_name, step=done, rank=ddp.rank, world_size=ddp.world_size, split="validation",
                     losses={n: s.loss for n, s in scores.items()}, tokens={n: s.tokens for n, s in scores.items()},
                 ))
-                validation = {"step": done, "rank": ddp.rank, "losses": {n: s.loss for n, s in scores.items()},
-                              "accuracy": {n: s.accuracy for n, s in scores.items()},
+                # Every rank's scores: (loss sum, correct predictions, tokens) per configuration, in the run's order.
+                totals = torch.tensor(
+                    [[s.loss * s.tokens, s.accuracy * s.tokens, s.tokens] if n in own_share and (s := scores.get(n))
+                     else [0.0, 0.0, 0.0] for n in names], dtype=torch.float64, device=device,
+                )
+                if ddp.enabled:
+                    dist.all_reduce(totals)
+                scored = [(n, *sums) for n, sums in zip(names, totals.tolist()) if sums[2] > 0]
+                validation = {"step": done, "losses": {n: loss / count for n, loss, _, count in scored},
+                              "accuracy": {n: right / count for n, _, right, count in scored},
+                              "tokens": {n: int(count) for n, _, _, count in scored},
                               "seconds": time.perf_counter() - evaluation_started}
                 validations.append(validation)
                 metrics.write({"kind": "validation", **validation})

@@ -69,8 +69,16 @@ def test_two_ranks(server, tmp_path, device):
         # Each rank scored a share of the configurations; the aggregate covers all of them.
         assert set(client.mixture(f"ddp-{device}").last_losses) == {a["objective"] for a in ARMS}
 
-        # Rank 0 trained on rank 0's batches; rank 1's are different ones.
+        # The metrics' validation records hold both ranks' shares: every configuration, as the server aggregated them.
         records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        validations = [r for r in records if r["kind"] == "validation"]
+        assert [r["step"] for r in validations] == [1, STEPS]
+        for record in validations:
+            assert set(record["losses"]) == {a["objective"] for a in ARMS}
+            assert set(record["accuracy"]) == set(record["tokens"]) == set(record["losses"])
+        assert validations[-1]["losses"] == pytest.approx(client.mixture(f"ddp-{device}").last_losses, rel=1e-9)
+
+        # Rank 0 trained on rank 0's batches; rank 1's are different ones.
         train_records = [r for r in records if r["kind"] == "train"]
         assert [r["step"] for r in train_records] == list(range(STEPS))
         batches = [[client.batch(f"ddp-{device}", step, rank, 2) for rank in range(2)] for step in range(STEPS)]
