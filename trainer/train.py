@@ -57,6 +57,7 @@ from trainer.evaluate import (
     score_batches,
     token_losses,
 )
+from clients.plot import family_means
 from objective_server.policies import POLICIES
 from trainer.models import MODELS, LanguageModel, build_model
 from trainer.models.common import IGNORE_INDEX
@@ -568,6 +569,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise ValueError(f"run {config.run_name!r} already exists with other settings: {'; '.join(differences)}. "
                          "Leave these out to train on it as it is, or create a new run (--create-run, a new --run-name)")
     names = [o.name for o in info.objectives]
+    families = {o.name: o.family for o in info.objectives}
     total_steps = config.steps or int(info.config["total_steps"])
     end_step = min(total_steps, config.stop_step or total_steps)
     eval_steps = set(info.eval_steps) if config.evaluate else set()
@@ -716,6 +718,12 @@ def train(config: TrainConfig) -> TrainResult:
                               "accuracy": {n: right / count for n, _, right, count in scored},
                               "tokens": {n: int(count) for n, _, _, count in scored},
                               "seconds": time.perf_counter() - evaluation_started}
+                validation["family_loss"] = family_means(validation["losses"], families)
+                validation["family_accuracy"] = family_means(validation["accuracy"], families)
+                if ddp.is_main:
+                    log.info("validation at step %d: %s", done, ", ".join(
+                        f"{family} {loss:.3f} ({validation['family_accuracy'][family]:.1%})"
+                        for family, loss in validation["family_loss"].items()))
                 validations.append(validation)
                 metrics.write({"kind": "validation", **validation})
 
@@ -765,6 +773,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "run": result.run, "steps": [result.start_step, result.end_step], "final_loss": result.final_loss,
             "seconds": round(result.seconds, 2), "parameters": result.num_params,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None, "failed_posts": result.failed_posts,
+            "validation": {key: result.validations[-1][key] for key in ("step", "family_loss", "family_accuracy")}
+            if result.validations else None,
         }
         print(json.dumps(summary))
 

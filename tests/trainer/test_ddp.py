@@ -59,6 +59,8 @@ def test_two_ranks(server, tmp_path, device):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == [0, STEPS] and summary["failed_posts"] == 0, done.stderr[-3000:]
+    assert summary["validation"]["step"] == STEPS
+    assert set(summary["validation"]["family_loss"]) == {"copying", "next_token", "selective_copying"}
 
     with BirdieClient(server.url) as client:
         text = client.metrics()

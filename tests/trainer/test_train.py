@@ -32,6 +32,7 @@ ARMS = [
     {"objective": "next_token.len63", "probability": 1.0},
     {"objective": "selective_copying.spans1.after.span4to8.len48", "probability": 1.0},
 ]
+FAMILIES = {"copying", "next_token", "selective_copying"}
 TINY = dict(model="hawk", d_model=32, n_layers=2, bidirectional=True, threads=1, progress=False, prefetch=2, device="cpu")
 
 
@@ -245,6 +246,20 @@ def test_run_fields_that_differ_from_the_existing_run_are_an_error(server, clien
         "name": "x", "preset": "birdie", "seq_len": 128, "batch_size": 8, "seed": 0, "policy": {"name": "birdie"},
         "total_steps": 5, "validation_batches": 1,
     }
+
+
+def test_validation_reaches_the_console_and_the_summary(server, client, capsys, caplog):
+    create_run(client, "console", total_steps=2, eval_steps=[1, 2])
+    caplog.set_level(logging.INFO, logger="birdie.train")
+    train_main(["--server-url", server.url, "--run-name", "console", "--d-model", "32", "--n-layers", "2",
+                "--device", "cpu", "--threads", "1", "--no-progress"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    last = summary["validation"]
+    assert last["step"] == 2 and set(last["family_loss"]) == set(last["family_accuracy"]) == FAMILIES
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation at step")]
+    assert [line.split(":")[0] for line in lines] == ["validation at step 1", "validation at step 2"]
+    assert lines[-1] == "validation at step 2: " + ", ".join(
+        f"{family} {last['family_loss'][family]:.3f} ({last['family_accuracy'][family]:.1%})" for family in sorted(FAMILIES))
 
 
 def test_unknown_run_is_a_clear_error(server):
