@@ -65,6 +65,9 @@ class RunConfig(BaseModel):
     total_steps: int = Field(10_000, ge=1)
     eval_steps: list[int] | None = None
     validation_batches: int = Field(1, ge=1, le=1000)
+    # The fingerprint of the corpus and tokenizer the run reads (`TokenStore.fingerprint`): set by
+    # the server that creates the run, so no server on another corpus serves it different bytes.
+    corpus: str | None = Field(None, pattern=r"^[0-9a-f]{16}$")
 
     @model_validator(mode="before")
     @classmethod

@@ -68,6 +68,17 @@ class TokenStore:
             raise CorpusError(f"{path}: {layout.MANIFEST_FILE}: {e}") from None
         self._splits: dict[str, CorpusSplit] = {}
 
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits naming this corpus's content: the tokenizer and every split's token and
+        document files (their sha256 from the manifest). Two corpora with the same fingerprint
+        serve the same batches for the same run config."""
+        parts = [self._manifest.tokenizer.sha256]
+        for split in sorted(self._manifest.splits):
+            info = self._manifest.splits[split]
+            parts += [split, info.tokens_sha256, info.docs_sha256]
+        return hashlib.blake2b(" ".join(parts).encode(), digest_size=8).hexdigest()
+
     def __repr__(self) -> str:
         counts = ", ".join(
             f"{s}: {i.n_docs} docs / {i.n_tokens} tokens" for s, i in self._manifest.splits.items()

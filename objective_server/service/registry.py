@@ -2,7 +2,9 @@
 
 A run lives in the store (config, timeline, mixtures, policy state); a `RunContext` is this
 process's view of it. Runs created by another worker or replica are loaded from the store on first
-use, so any replica serves any run.
+use, so any replica serves any run, provided it serves the corpus the run was created on: a run's
+config records the corpus fingerprint, and a server on another corpus refuses it (409) rather than
+serve different bytes at the same addresses.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from objective_server.batching import window_count
+from objective_server.corpus.store import TokenStore
 from objective_server.policies import Policy, make_policy
 from objective_server.runs import RunConfig
 from objective_server.service.errors import InvalidRequest, RunConflict
@@ -67,8 +71,10 @@ class RunContext:
 
 
 class RunRegistry:
-    def __init__(self, store: RunStore, max_request_tokens: int) -> None:
+    def __init__(self, store: RunStore, corpus: TokenStore, max_request_tokens: int) -> None:
         self.store = store
+        self.corpus_fingerprint = corpus.fingerprint
+        self.split_tokens = {split: corpus.split(split).n_tokens for split in ("train", "validation")}
         self.max_request_tokens = max_request_tokens
         self._runs: dict[str, RunContext] = {}
 
@@ -82,12 +88,28 @@ class RunRegistry:
             raise InvalidRequest(f"run {config.name!r}: policy {config.policy.name!r}: {error}") from None
         return RunContext(config=config, policy=policy)
 
-    def check_limits(self, config: RunConfig) -> None:
+    def check_servable(self, config: RunConfig) -> None:
+        """InvalidRequest unless this server can serve `config`: batches within its size limit, and
+        every split of its corpus at least one row long."""
         if config.tokens_per_step > self.max_request_tokens:
             raise InvalidRequest(
                 f"run {config.name!r}: batch_size * seq_len = {config.batch_size} * {config.seq_len} = "
                 f"{config.tokens_per_step} tokens per batch, above this server's limit of "
                 f"{self.max_request_tokens} (BIRDIE_MAX_REQUEST_TOKENS)"
+            )
+        for split, n_tokens in self.split_tokens.items():
+            try:
+                window_count(n_tokens, config.seq_len, split)
+            except ValueError as error:
+                raise InvalidRequest(f"run {config.name!r}: {error}") from None
+
+    def _check_corpus(self, config: RunConfig) -> None:
+        # A run stored before runs recorded their corpus (corpus None) cannot be checked.
+        if config.corpus is not None and config.corpus != self.corpus_fingerprint:
+            raise RunConflict(
+                f"run {config.name!r} reads corpus {config.corpus}, but this server serves corpus "
+                f"{self.corpus_fingerprint} (BIRDIE_CORPUS): its batches would differ; start the server "
+                "on the run's corpus, or use another run name or store"
             )
 
     async def get(self, run: str) -> RunContext:
@@ -98,7 +120,9 @@ class RunRegistry:
         if not is_run_name(run):
             raise UnknownRun(run)
         stored = await self.store.get_config(run)
-        context = self._context(RunConfig.model_validate(stored))
+        config = RunConfig.model_validate(stored)
+        self._check_corpus(config)
+        context = self._context(config)
         return self._runs.setdefault(run, context)
 
     async def register(self, config: RunConfig) -> tuple[RunContext, bool]:
@@ -107,7 +131,9 @@ class RunRegistry:
         Returns (context, created). `RunConflict` if the stored config differs: a run's batches
         are a function of its config, so changing it under the same name would break replay.
         """
-        self.check_limits(config)
+        self._check_corpus(config)
+        config = config.model_copy(update={"corpus": self.corpus_fingerprint})
+        self.check_servable(config)
         context = self._context(config)
         try:
             await self.store.create_run(
@@ -116,6 +142,9 @@ class RunRegistry:
             created = True
         except RunExists:
             stored = await self.store.get_config(config.name)
+            self._check_corpus(RunConfig.model_validate(stored))
+            if stored.get("corpus") is None:  # stored before runs recorded their corpus
+                stored = {**stored, "corpus": config.corpus}
             if stored != config.stored():
                 raise RunConflict(
                     f"run {config.name!r} exists with a different config; a run's config cannot change "

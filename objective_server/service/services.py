@@ -64,7 +64,7 @@ class Services:
         corpus = await asyncio.to_thread(open_corpus, settings)
         store = open_store(settings.redis_url, settings.redis_namespace, settings.redis_timeout_s)
         pool = GenerationPool(str(corpus.path), settings.generation_kind, settings.generation_workers)
-        registry = RunRegistry(store, settings.max_request_tokens)
+        registry = RunRegistry(store, corpus, settings.max_request_tokens)
         services = cls(
             settings=settings, store=store, corpus=corpus, pool=pool, registry=registry,
             batches=BatchService(store, registry, pool, settings, metrics),

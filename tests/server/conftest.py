@@ -27,6 +27,14 @@ def corpus_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def other_corpus_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, different prepared corpus: the docstrings of the stdlib's `json` package."""
+    out = tmp_path_factory.mktemp("corpus") / "json-docstrings"
+    prepare_corpus(StdlibDocstrings(root=stdlib_root() / "json"), out, vocab_size=768, validation_fraction=0.3)
+    return out
+
+
 def run_config(name: str = "small", **overrides) -> dict:
     """A small run: UL2's seven configurations sized for 128-position rows."""
     config = {

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from clients.wire import decode_arrow
+from objective_server.corpus.store import TokenStore
 from objective_server.store import LossPost, RedisRunStore
 from server.conftest import run_config, server_env, write_runs
 
@@ -201,6 +202,23 @@ def test_replay_is_byte_identical_across_restarts_and_replicas(redis_server, liv
         assert get_batch(a, rank=rank, world_size=2, step=step) == content
     history = a.get("/mixture/history", params={"run": "small"}).json()
     assert history["timeline"] == [[0, 0], [6, 1]]
+
+
+def test_a_replica_on_another_corpus_refuses_the_run_instead_of_serving_other_bytes(
+    redis_server, live_server, corpus_path, other_corpus_path, tmp_path
+):
+    runs = write_runs(tmp_path / "runs.yaml", run_config())
+    a = live_server(server_env(corpus_path, runs, redis_server.url))
+    served = get_batch(a, step=0)
+    fingerprint = TokenStore.open(corpus_path).fingerprint
+    assert a.get("/runs/small").json()["config"]["corpus"] == fingerprint
+
+    other = live_server(server_env(other_corpus_path, None, redis_server.url))  # same Redis, other corpus
+    for response in (other.get("/batch", params={"run": "small", "step": 0}),
+                     other.post("/runs", json=run_config())):
+        assert response.status_code == 409, response.text
+        assert f"reads corpus {fingerprint}" in response.json()["detail"]
+    assert get_batch(a, step=0) == served  # the run itself is untouched
 
 
 # --- Redis failures --------------------------------------------------------------------------------
