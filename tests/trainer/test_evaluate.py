@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +30,7 @@ from trainer.evaluate import (
 )
 from trainer.models import build_model
 from trainer.models.common import PREFIX as MODEL_PREFIX, SUFFIX as MODEL_SUFFIX
-from trainer.train import TrainConfig, train
+from trainer.train import TrainConfig, load_checkpoint, train
 
 NUMBER = re.compile(r"^\d{3}-\d{3}-\d{4}$")
 
@@ -254,3 +256,26 @@ def test_birdie_eval_cli_on_a_checkpoint(server, run_name, tmp_path, capsys):
         eval_main([str(tmp_path / "ckpt" / "step_00000004.pt"), "--server-url", server.url, "--run", "no-such-run", "--quiet"])
     assert exit_info.value.code == 1
     assert "no-such-run" in capsys.readouterr().err
+
+
+def test_readme_birdie_eval_example_works_on_a_fresh_server(server, run_name, tmp_path):
+    """The README's example evaluates the checkpoint of `make run`'s `demo` run, which a fresh server
+    (here: the module's, with the preset runs) never heard of."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    (example,) = [line for line in readme.splitlines() if line.startswith(".venv/bin/birdie-eval ")]
+    args = shlex.split(example)[1:]
+    train(TrainConfig(model="hawk", d_model=32, n_layers=2, server_url=server.url, run_name=run_name, threads=1,
+                      progress=False, checkpoint_dir=str(tmp_path), stop_step=1))
+    state = load_checkpoint(tmp_path / "step_00000001.pt")
+    state["run"] = "demo"
+    checkpoint = tmp_path / args[0].split("/")[-1]
+    torch.save(state, checkpoint)
+    args[0] = str(checkpoint)
+    args[args.index("--server-url") + 1] = server.url
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([*args, "--validation-rows", "1", "--phone-book-numbers", "", "--out", str(out), "--quiet"])
+    assert exit_info.value.code == 0
+    result = json.loads(out.read_text())
+    assert result["checkpoint"]["path"] == str(checkpoint) and len(result["validation"]["loss"]) > 1
+    assert all(math.isfinite(loss) for loss in result["validation"]["loss"].values())
