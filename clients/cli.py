@@ -175,6 +175,11 @@ def objectives(client: BirdieClient, run: str | None, as_json: bool) -> None:
 @click.option("--index", type=click.IntRange(min=0), default=0, show_default=True, help="Which validation batch.")
 @click.option("--decode", is_flag=True, help="Show every packed example decoded to text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the batch as JSON (arrays as lists).")
+@click.option(
+    "--serve", is_flag=True,
+    help="Take the training batch as a trainer does, marking its step served (a mixture published later then "
+    "takes effect only after it). Without it the batch is previewed: a look that changes nothing.",
+)
 @click.pass_obj
 def batch(
     client: BirdieClient,
@@ -186,8 +191,14 @@ def batch(
     index: int,
     decode: bool,
     as_json: bool,
+    serve: bool,
 ) -> None:
-    """Fetch one batch of RUN by its address and summarise it (or --decode its examples)."""
+    """Fetch one batch of RUN by its address and summarise it (or --decode its examples).
+
+    A training batch is previewed unless --serve is given: looking at step 9000 of a run at step 10
+    must not push the run's next mixture past step 9000. A previewed step beyond the highest served
+    is provisional: a mixture published before the trainers reach it changes it.
+    """
     if step is None and objective is None:
         raise click.UsageError("give --step N for a training batch or --objective NAME for a validation batch")
     if step is not None and objective is not None:
@@ -196,11 +207,13 @@ def batch(
         raise click.UsageError(f"--rank must be below --world-size ({rank} >= {world_size})")
     examples: list[dict] | None = None
     if decode:
-        wire, examples = client.decoded_batch(run, step, rank, world_size, objective=objective, index=index)
+        wire, examples = client.decoded_batch(
+            run, step, rank, world_size, objective=objective, index=index, preview=not serve
+        )
     elif objective is not None:
         wire = client.validation_batch(run, objective, index)
     else:
-        wire = client.batch(run, step, rank, world_size)
+        wire = client.batch(run, step, rank, world_size, preview=not serve)
     if as_json:
         echo_json(encode_json(wire.arrays, wire.header, examples))
         return
@@ -224,6 +237,8 @@ def batch_summary(wire: WireBatch) -> Table:
     )
     if h.get("fill_rate") is not None:
         title += f"  fill {h['fill_rate']:.1%}"
+    if h.get("provisional"):
+        title += "  (provisional: beyond the highest step served, a new mixture may still change it)"
     ids = wire["objective_ids"]
     names = wire.objectives
     size = max(len(names), int(ids.max()) + 1 if ids.size else 0)

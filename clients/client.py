@@ -193,6 +193,14 @@ def _log_retry(retry_state: RetryCallState) -> None:
     log.warning("%s; retrying in %.2fs (attempt %d)", error, wait, retry_state.attempt_number + 1)
 
 
+def _with_provisional(batch: WireBatch, response: httpx.Response) -> WireBatch:
+    """A previewed batch's header gets `provisional` (from X-Birdie-Provisional)."""
+    provisional = response.headers.get("x-birdie-provisional")
+    if provisional is not None:
+        batch.header["provisional"] = provisional == "true"
+    return batch
+
+
 # --- the client -------------------------------------------------------------------------------
 
 
@@ -314,15 +322,21 @@ class BirdieClient:
         world_size: int = 1,
         fmt: BatchFormat = "arrow",
         *,
+        preview: bool = False,
         retries: float | None = None,
         retry_for: float | None = None,
         abort: threading.Event | None = None,
     ) -> WireBatch:
         """The training batch at address (run, step, rank, world_size); `retries`, `retry_for` and
-        `abort` as in `request`."""
-        return self._fetch_batch(
-            training_address(run, step, rank, world_size), fmt, retries=retries, retry_for=retry_for, abort=abort
-        )
+        `abort` as in `request`.
+
+        preview: look without serving (for people and tools; trainers never preview). The step is
+        not marked served, so looking ahead does not delay the run's next mixture; the header's
+        `provisional` says whether the step is beyond the highest served (a mixture published
+        before a trainer asks for it would change it).
+        """
+        address = {**training_address(run, step, rank, world_size), **({"preview": 1} if preview else {})}
+        return self._fetch_batch(address, fmt, retries=retries, retry_for=retry_for, abort=abort)
 
     def validation_batch(
         self, run: str, objective: str, index: int = 0, fmt: BatchFormat = "arrow"
@@ -339,19 +353,22 @@ class BirdieClient:
         *,
         objective: str | None = None,
         index: int = 0,
+        preview: bool = False,
     ) -> tuple[WireBatch, list[dict[str, Any]]]:
         """Training batch `step` (or, with `objective` instead, validation batch `index` of that
         configuration) with each packed example decoded to text by the server:
-        (batch, [{row, offset, objective, input_tokens, label_tokens, input, label}, ...])."""
+        (batch, [{row, offset, objective, input_tokens, label_tokens, input, label}, ...]).
+        `preview` as in `batch`."""
         if (step is None) == (objective is None):
             raise ValueError("give a training step or a validation objective, not both or neither")
         if objective is None:
-            address = training_address(run, step, rank, world_size)
+            address = {**training_address(run, step, rank, world_size), **({"preview": 1} if preview else {})}
         else:
             address = validation_address(run, objective, index)
-        body = self._get_json("/batch", {**address, "format": "json", "decode": 1})
+        response = self.request("GET", "/batch", params={**address, "format": "json", "decode": 1})
+        body = response.json()
         examples = body.get("examples") or []
-        return decode_json(body), examples
+        return _with_provisional(decode_json(body), response), examples
 
     def _fetch_batch(
         self,
@@ -365,14 +382,14 @@ class BirdieClient:
         retrying: dict[str, Any] = {"retries": retries, "retry_for": retry_for, "abort": abort}
         if fmt == "json":
             response = self.request("GET", "/batch", params={**address, "format": "json"}, **retrying)
-            return decode_json(response.json())
+            return _with_provisional(decode_json(response.json()), response)
         if fmt != "arrow":
             raise ValueError(f"fmt must be 'arrow' or 'json', got {fmt!r}")
         response = self.request("GET", "/batch", params=address, headers={"Accept": ARROW_MEDIA_TYPE}, **retrying)
         media_type = response.headers.get("content-type", "").split(";")[0].strip()
         if media_type != ARROW_MEDIA_TYPE:
             raise BirdieError(f"GET {response.request.url}: expected {ARROW_MEDIA_TYPE}, got {media_type!r}")
-        return decode_arrow(response.content)
+        return _with_provisional(decode_arrow(response.content), response)
 
     # losses
 

@@ -52,18 +52,30 @@ async def get_batch(
     index: Annotated[int, Query(ge=0, description="Validation batch index (split=validation)")] = 0,
     wire_format: Annotated[Literal["arrow", "json"] | None, Query(alias="format")] = None,
     decode: Annotated[bool, Query(description="JSON only: add the decoded text of every example")] = False,
+    preview: Annotated[
+        bool,
+        Query(description="Look without serving: the step is not marked served, so looking ahead does not "
+              "delay the run's next mixture (X-Birdie-Provisional: true when the step is beyond the highest served)"),
+    ] = False,
 ) -> Response:
     """The batch at (run, rank, world_size, step): byte-identical every time it is asked for.
 
+    A training batch marks its step served: a mixture published later takes effect after it.
     `split=validation&objective=NAME&index=i` gives configuration NAME's fixed held-out batch i, in
     exactly the training format (the mixture does not apply).
     """
     started = time.perf_counter()
     chosen = negotiate(wire_format, request.headers.get("accept", ""), decode)
+    headers = {}
     if split == "train":
         if step is None:
             raise InvalidRequest("split=train needs step=N")
-        served = await services.batches.train(run, rank, world_size, step)
+        if preview:
+            served, provisional = await services.batches.preview_train(run, rank, world_size, step)
+            headers["X-Birdie-Provisional"] = "true" if provisional else "false"
+        else:
+            served = await services.batches.train(run, rank, world_size, step)
+        headers["X-Birdie-Mixture-Version"] = str(served.mixture_version)
     else:
         served = await services.batches.validation(run, objective, index)
     body, media_type = await services.batches.encode(served, chosen, decode)
@@ -71,5 +83,4 @@ async def get_batch(
     metrics.batches.labels(run, split, chosen).inc()
     metrics.tokens.labels(run, split).inc(served.positions)
     metrics.batch_latency.labels(chosen).observe(time.perf_counter() - started)
-    headers = {"X-Birdie-Mixture-Version": str(served.mixture_version)} if split == "train" else {}
     return Response(body, media_type=media_type, headers=headers)

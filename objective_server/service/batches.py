@@ -5,6 +5,11 @@ mixture it uses can never change afterwards (a later mixture is effective from m
 The batch is then a pure function of (run config, mixture, address): it is generated in the pool,
 kept in an LRU, and the next `prefetch_depth` steps of the same rank are generated ahead.
 
+A preview (`/batch?preview=1`, what people and the CLI use to look at a run) reads the timeline
+without marking the step served: looking ahead at step 9000 must not push every later mixture past
+it. A previewed step beyond max_served is provisional: a mixture published before a trainer asks
+for it changes it.
+
 With the store unreachable, an address at or below the cached timeline's max_served still maps to
 its one mixture, so it is served from the cache (or regenerated); a newer address cannot be, since
 its mixture may not be decided yet: StoreUnavailable (503).
@@ -81,6 +86,21 @@ class BatchService:
         served = await self._train_at(context, timeline, rank, world_size, step, prefetch=False)
         self._prefetch_train(context, timeline, rank, world_size, step)
         return served
+
+    async def preview_train(self, run: str, rank: int, world_size: int, step: int) -> tuple[ServedBatch, bool]:
+        """The training batch at the address as it would be served now, without marking the step
+        served, and whether it is provisional (beyond the highest step served)."""
+        self._check_address(rank, world_size, step)
+        context = await self.registry.get(run)
+        self._check_size(context)
+        try:
+            context.remember(await self.store.timeline(context.name, known=context.timeline))
+        except StoreUnavailable:
+            if context.timeline is None or step > context.timeline.max_served:
+                raise
+        timeline = context.timeline
+        served = await self._train_at(context, timeline, rank, world_size, step, prefetch=False)
+        return served, step > timeline.max_served
 
     async def _mark_served(self, context: RunContext, step: int) -> Timeline:
         try:

@@ -227,9 +227,14 @@ def test_cli_and_auth_against_the_real_server(live) -> None:
     mixture = runner.invoke(birdie_cli, ["mixture", RUN, "--json"], env=env)
     assert mixture.exit_code == 0, mixture.output
     assert json.loads(mixture.output)["run"] == RUN
-    decoded = runner.invoke(birdie_cli, ["batch", RUN, "--step", "0", "--decode"], env=env)
+    decoded = runner.invoke(birdie_cli, ["batch", RUN, "--step", "9000", "--decode"], env=env)
     assert decoded.exit_code == 0, decoded.output
-    assert "label tokens" in decoded.output and "objective" in decoded.output
+    assert "label tokens" in decoded.output and "objective" in decoded.output and "provisional" in decoded.output
+    with BirdieClient(server.url, token="tok-123", **FAST) as client:
+        assert client.run(RUN).max_served == -1  # a look: the run's timeline is untouched
+        served = runner.invoke(birdie_cli, ["batch", RUN, "--step", "3", "--serve"], env=env)
+        assert served.exit_code == 0 and "provisional" not in served.output, served.output
+        assert client.run(RUN).max_served == 3
     denied = runner.invoke(birdie_cli, ["--token", "wrong", "runs"], env=env)
     assert denied.exit_code == 1 and "401" in denied.output
     with BirdieClient(server.url, token="wrong", **FAST) as client:

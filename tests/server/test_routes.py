@@ -181,6 +181,27 @@ async def test_losses_are_taken_only_for_steps_the_run_has_trained(app_client):
     assert evaluation["policy_updated"] and evaluation["mixture_version"] == 1
 
 
+async def test_a_preview_looks_without_serving_and_says_when_it_is_provisional(app_client):
+    client = await app_client(run_files=[], drain_interval_s=0.01)
+    names = [o["name"] for o in (await client.post("/runs", json=run_config("rot", policy={"name": "rotating"}))).json()["objectives"]]
+    served = {s: (await batch(client, run="rot", step=s)).content for s in range(4)}  # max_served = 3
+    ahead = await batch(client, run="rot", step=9000, preview=1)
+    assert ahead.headers["x-birdie-provisional"] == "true" and ahead.headers["x-birdie-mixture-version"] == "0"
+    looked = await batch(client, run="rot", step=2, preview=1, format="json")
+    assert looked.headers["x-birdie-provisional"] == "false"
+    assert decode_json(looked.json())["input_ids"].tolist() == decode_arrow(served[2])["input_ids"].tolist()
+    assert (await client.get("/runs/rot")).json()["max_served"] == 3  # neither look moved the timeline
+    post = {"run": "rot", "step": 4, "split": "validation", "losses": {names[0]: 2.0}, "tokens": {names[0]: 10}}
+    assert (await client.post("/losses", json=post)).json()["mixture_version"] == 1
+    mixture = (await client.get("/mixture", params={"run": "rot"})).json()
+    assert mixture["effective_step"] == 4  # not 9001
+    taken = await batch(client, run="rot", step=9000)
+    assert taken.headers["x-birdie-mixture-version"] == "1" and taken.content != ahead.content
+    assert "x-birdie-provisional" not in taken.headers
+    rejected = await client.get("/batch", params={"run": "rot", "step": 1, "rank": 2, "world_size": 2, "preview": 1})
+    assert rejected.status_code == 422
+
+
 # --- runs, objectives, tokenizer, metrics -------------------------------------------------------
 
 
