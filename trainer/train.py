@@ -9,7 +9,7 @@ One loop, top to bottom:
    read back (vocabulary, evaluation steps, objective configurations).
 2. The model, AdamW (no weight decay on gates, RG-LRU parameters, norms and biases), a cosine
    schedule with linear warmup; a checkpoint restores all of it (model, optimiser, schedule,
-   step, RNG) and training continues at its step.
+   step, RNG) and training continues at its step, under this job's lr, betas and weight decay.
 3. Batches: `clients.BatchIterator` fetches this rank's addressed batches (run, rank,
    world_size, step) ahead of use; resuming at step s asks for step s, so a resumed run sees
    exactly the batches a straight run would have.
@@ -173,7 +173,8 @@ class TrainConfig:
 
     def run_config(self) -> dict[str, Any]:
         """The RunConfig mapping POST /runs receives when `create_run` is set (RUN_DEFAULTS for unset run fields)."""
-        run = {name: default if (value := getattr(self, name)) is None else value for name, default in RUN_DEFAULTS.items()}
+        run = {name: default if (value := getattr(self, name)) is None else value
+               for name, default in RUN_DEFAULTS.items()}
         config: dict[str, Any] = {
             "name": self.run_name, "preset": run["preset"], "seq_len": run["seq_len"], "batch_size": run["batch_size"],
             "seed": run["run_seed"], "policy": {"name": run["policy"]}, "total_steps": self.steps,
@@ -567,7 +568,8 @@ def train(config: TrainConfig) -> TrainResult:
     differences = config.run_differences(info)
     if differences:
         raise ValueError(f"run {config.run_name!r} already exists with other settings: {'; '.join(differences)}. "
-                         "Leave these out to train on it as it is, or create a new run (--create-run, a new --run-name)")
+                         "Leave these out to train on it as it is, "
+                         "or create a new run (--create-run, a new --run-name)")
     names = [o.name for o in info.objectives]
     families = {o.name: o.family for o in info.objectives}
     total_steps = config.steps or int(info.config["total_steps"])
