@@ -24,7 +24,7 @@ import objective_server
 from objective_server.metrics import Metrics
 from objective_server.routes import PROTECTED, PUBLIC
 from objective_server.routes.deps import require_token
-from objective_server.service.errors import InvalidRequest, RequestTooLarge, RunConflict
+from objective_server.service.errors import InvalidRequest, NotAcceptable, RequestTooLarge, RunConflict
 from objective_server.service.services import Services
 from objective_server.settings import Settings
 from objective_server.store import (
@@ -175,6 +175,10 @@ def _add_error_handlers(app: FastAPI, settings: Settings, metrics: Metrics) -> N
     @app.exception_handler(InvalidRequest)
     async def invalid(request: Request, exc: InvalidRequest) -> JSONResponse:
         return error(422, str(exc))
+
+    @app.exception_handler(NotAcceptable)
+    async def not_acceptable(request: Request, exc: NotAcceptable) -> JSONResponse:
+        return error(406, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from clients.models import Split
 from clients.wire import ARROW_MEDIA_TYPE, JSON_MEDIA_TYPE
 from objective_server.routes.deps import ServicesDep
-from objective_server.service.errors import InvalidRequest
+from objective_server.service.errors import InvalidRequest, NotAcceptable
 
 router = APIRouter(tags=["batches"])
 
@@ -20,23 +20,49 @@ BATCH_RESPONSES = {
         "(FixedSizeList<int32> columns, header JSON in the schema metadata key `birdie`) or JSON",
         "content": {ARROW_MEDIA_TYPE: {}, JSON_MEDIA_TYPE: {}},
     },
+    406: {"description": "the Accept header admits neither Arrow nor JSON"},
     503: {"description": "the state store is unreachable and the address is newer than the cached timeline"},
 }
 
 
+def quality(accept: str, media_type: str) -> float:
+    """The q-value an Accept header gives `media_type`: that of its most specific matching range
+    (type/subtype, then type/*, then */*), 0 when none matches (RFC 9110 §12.5.1)."""
+    best, q = -1, 0.0
+    kind = media_type.split("/")[0]
+    for item in accept.split(","):
+        range_, *params = (field.strip() for field in item.split(";"))
+        range_ = range_.lower()
+        specificity = {media_type: 2, f"{kind}/*": 1, "*/*": 0}.get(range_)
+        if specificity is None or specificity <= best:
+            continue
+        value = 1.0
+        for param in params:
+            name, _, text = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    value = min(max(float(text), 0.0), 1.0)
+                except ValueError:
+                    value = 0.0
+        best, q = specificity, value
+    return q
+
+
 def negotiate(wire_format: str | None, accept: str, decode: bool) -> Literal["arrow", "json"]:
-    """`format=` wins; then the Accept header; decoded text implies JSON; Arrow by default."""
+    """`format=` wins; decoded text implies JSON; then the Accept header by q-value (Arrow on a tie);
+    Arrow without one; 406 when the header admits neither."""
     if wire_format == "arrow" and decode:
         raise InvalidRequest("decode=1 adds decoded text to the JSON format: use format=json")
     if wire_format is not None:
         return wire_format  # type: ignore[return-value]
     if decode:
         return "json"
-    if ARROW_MEDIA_TYPE in accept:
+    if not accept.strip():
         return "arrow"
-    if JSON_MEDIA_TYPE in accept:
-        return "json"
-    return "arrow"
+    arrow, json = quality(accept, ARROW_MEDIA_TYPE), quality(accept, JSON_MEDIA_TYPE)
+    if arrow == json == 0:
+        raise NotAcceptable(f"batches come as {ARROW_MEDIA_TYPE} or {JSON_MEDIA_TYPE}; Accept: {accept!r} admits neither")
+    return "json" if json > arrow else "arrow"
 
 
 @router.get("/batch", response_class=Response, responses=BATCH_RESPONSES)

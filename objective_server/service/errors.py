@@ -12,6 +12,10 @@ class RequestTooLarge(ValueError):
     """A batch or body beyond the configured limits: 413."""
 
 
+class NotAcceptable(ValueError):
+    """The Accept header admits none of the formats this route can answer in: 406."""
+
+
 class RunConflict(Exception):
     """A run of that name exists with a different config: 409."""
 

@@ -57,6 +57,20 @@ async def test_batch_is_arrow_by_default_and_json_on_request_with_identical_arra
     assert by_param.content == by_accept.content
     as_json = decode_json(by_param.json())
     assert as_json.header == wire.header
+
+    # Accept is read with its q-values: the most specific range that matches a type gives its q.
+    for accept, expected in [
+        ("application/json, application/vnd.apache.arrow.stream;q=0.1", "application/json"),
+        ("application/json;q=0, */*", ARROW_MEDIA_TYPE),
+        ("application/*;q=0.5, application/json;q=0.9", "application/json"),
+        ("*/*;q=0.2, application/vnd.apache.arrow.stream;q=0.2", ARROW_MEDIA_TYPE),  # a tie: Arrow
+        ("text/html, */*;q=0.8", ARROW_MEDIA_TYPE),
+    ]:
+        negotiated = await client.get("/batch", params={"run": "small", "step": 3}, headers={"Accept": accept})
+        assert negotiated.status_code == 200 and negotiated.headers["content-type"] == expected, accept
+    for accept in ("text/csv", "application/json;q=0, application/vnd.apache.arrow.stream;q=0"):
+        refused = await client.get("/batch", params={"run": "small", "step": 3}, headers={"Accept": accept})
+        assert refused.status_code == 406 and "admits neither" in refused.json()["detail"], accept
     for name in FIELDS:
         assert as_json[name].dtype == np.int32
         np.testing.assert_array_equal(as_json[name], wire[name])
