@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 Split = Literal["train", "validation"]
 
@@ -12,15 +12,16 @@ Split = Literal["train", "validation"]
 class LossPostBody(BaseModel):
     """POST /losses: one rank's per-configuration mean losses and token counts for one step."""
 
+    # Numbers must be numbers: lax parsing read `true` as a loss of 1.0 and "7" as step 7.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     run: str
-    step: int = Field(ge=0)
-    rank: int = Field(0, ge=0)
-    world_size: int = Field(1, ge=1)
+    step: StrictInt = Field(ge=0)
+    rank: StrictInt = Field(0, ge=0)
+    world_size: StrictInt = Field(1, ge=1)
     split: Split = "train"
-    losses: dict[str, float]
-    tokens: dict[str, int]
+    losses: dict[str, StrictFloat]
+    tokens: dict[str, StrictInt]
 
 
 class LossPostResponse(BaseModel):

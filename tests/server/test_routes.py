@@ -359,6 +359,10 @@ async def test_malformed_and_hostile_requests_get_4xx_and_change_nothing(app_cli
         ({**post, "split": "test"}, 422),
         ({**post, "extra": 1}, 422),
         ({**post, "losses": "2.5"}, 422),
+        ({**post, "losses": {name: True}}, 422),  # not a loss of 1.0
+        ({**post, "losses": {name: "2.5"}}, 422),
+        ({**post, "tokens": {name: True}}, 422),
+        ({**post, "step": True}, 422),
         ({**post, "rank": 1, "world_size": 3}, 409),  # train step 1 already has world_size 2
     ]
     for body, status in bad_posts:
