@@ -51,10 +51,11 @@ class Batch:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, batch_size: int, seq_len: int, pad_id: int = 0) -> "Batch":
+    def empty(cls, batch_size: int, seq_len: int) -> "Batch":
+        """All padding: input 0 (whatever id [PAD] has), no labels, mask and segments 0."""
         shape = (batch_size, seq_len)
         return cls(
-            input_ids=np.full(shape, pad_id, dtype=np.int32),
+            input_ids=np.zeros(shape, dtype=np.int32),
             label_ids=np.full(shape, IGNORE_INDEX, dtype=np.int32),
             attention_mask=np.zeros(shape, dtype=np.int32),
             segment_ids=np.zeros(shape, dtype=np.int32),

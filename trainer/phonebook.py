@@ -31,7 +31,7 @@ import numpy as np
 from objective_server.objectives.base import Example
 from objective_server.packing import Batch, write_example
 from objective_server.rng import keyed_rng
-from objective_server.special_tokens import DONE, GENERATE, PAD
+from objective_server.special_tokens import DONE, GENERATE
 
 FIRST_NAMES = (
     "Ada", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gia", "Hugo", "Ines", "Jon", "Kai", "Lena", "Milo",
@@ -153,7 +153,7 @@ def finetune_batch(
     not fit. The keys differ from the evaluation books' keys, so the fine-tune never sees them."""
     if not numbers:
         raise ValueError("numbers must name at least one question size")
-    batch = Batch.empty(batch_size, seq_len, special[PAD])
+    batch = Batch.empty(batch_size, seq_len)
     for row in range(batch_size):
         offset, segment = 0, 1
         while True:

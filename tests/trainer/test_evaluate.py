@@ -136,6 +136,8 @@ def test_finetune_batches_are_packed_phone_books(tokenizer, special):
             assert (batch.label_ids[row, start : start + n] == IGNORE_INDEX).all()
             assert (batch.attention_mask[row, start : start + n] == PREFIX).all()
             assert batch.attention_mask[row, start + n] == SUFFIX
+    padding = batch.attention_mask == 0
+    assert padding.any() and (batch.input_ids[padding] == 0).all()  # as the server pads (method §3)
     other = phonebook.finetune_batch(tokenizer, special, **{**kwargs, "step": 3})
     assert not batch.equals(other)
     with pytest.raises(ValueError, match="more than seq_len = 64"):
