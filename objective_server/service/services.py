@@ -1,11 +1,19 @@
 """All services of one app, started and closed together; the app keeps one and routes get it as a
-dependency."""
+dependency.
+
+The configured runs are registered at start. With the state store unreachable then, the server
+starts anyway and keeps trying in the background (with backoff): /healthz answers, /readyz says
+503 until every configured run is registered, and requests that need the store answer 503 with
+Retry-After, as they do in any outage. An orchestrator thus sees a live process that is not ready
+yet, rather than a crash loop whose restart delays can outlast the outage.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 
 from objective_server.corpus.store import TokenStore
 from objective_server.metrics import Metrics
@@ -16,7 +24,7 @@ from objective_server.service.losses import LossService
 from objective_server.service.registry import RunContext, RunRegistry
 from objective_server.service.runs import RunService
 from objective_server.settings import Settings
-from objective_server.store import RunStore, open_store
+from objective_server.store import RunStore, StoreUnavailable, open_store
 
 log = logging.getLogger("objective_server")
 
@@ -57,6 +65,10 @@ class Services:
     losses: LossService
     runs: RunService
     metrics: Metrics
+    # Registering the configured runs, while the store was unreachable at start (None: done).
+    registering: asyncio.Task | None = field(default=None, repr=False)
+    # Why that registration gave up (a run the store refuses, not an unreachable store).
+    registration_error: str | None = None
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Services:
@@ -74,16 +86,47 @@ class Services:
         )
         try:
             await pool.warm_up()
-            for config in configs:
-                context, created = await registry.register(config)
-                log.info("run %s", describe_run(context, created))
-            await services.losses.drain_all()
+            try:
+                await services.register(configs)
+            except StoreUnavailable as error:
+                log.warning("state store unreachable at start (%s); registering the runs in the background", error)
+                services.registering = asyncio.create_task(services._register_when_reachable(configs))
         except BaseException:
             await services.close()
             raise
         return services
 
+    @property
+    def ready(self) -> bool:
+        """Every configured run is registered."""
+        return self.registering is None or (self.registering.done() and self.registration_error is None)
+
+    async def register(self, configs: list[RunConfig]) -> None:
+        for config in configs:
+            context, created = await self.registry.register(config)
+            log.info("run %s", describe_run(context, created))
+        await self.losses.drain_all()
+
+    async def _register_when_reachable(self, configs: list[RunConfig]) -> None:
+        delay = self.settings.retry_after_s
+        while True:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            try:
+                await self.register(configs)
+            except StoreUnavailable as error:
+                delay = min(2 * delay, 30.0)
+                log.warning("state store still unreachable (%s); next try within %.0f s", error, delay)
+                continue
+            except Exception as error:  # what would have stopped the start: the server stays unready
+                self.registration_error = f"{type(error).__name__}: {error}"
+                log.exception("registering the configured runs failed; /readyz stays 503")
+                return
+            log.info("state store reachable: the configured runs are registered")
+            return
+
     async def close(self) -> None:
+        if self.registering is not None:
+            self.registering.cancel()
         await self.batches.close()
         self.losses.close()
         self.pool.close()

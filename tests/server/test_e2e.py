@@ -292,6 +292,23 @@ def test_with_redis_down_known_addresses_serve_and_loss_posts_wait(redis_server,
     assert get_batch(server, step=2) == served[2]
 
 
+def test_the_server_starts_while_redis_is_down_and_gets_ready_when_it_returns(
+    redis_server, live_server, corpus_path, run_file
+):
+    """An orchestrator must see a live process that is not ready yet, not a crash loop."""
+    redis_server.kill()
+    server = live_server(server_env(corpus_path, run_file, redis_server.url))  # waits for /healthz
+    assert server.get("/readyz").status_code == 503
+    refused = server.get("/batch", params={"run": "small", "step": 0})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "registering the runs in the background" in server.log()
+
+    redis_server.start()
+    wait_ready(server)  # the configured runs were registered in the background
+    assert server.get("/runs/small").json()["config"]["seq_len"] == run_config()["seq_len"]
+    assert decode_arrow(get_batch(server, step=0)).header["step"] == 0
+
+
 # --- policy updates --------------------------------------------------------------------------------
 
 
