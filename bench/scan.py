@@ -7,9 +7,10 @@ copy roofline measured in the same run.
     python bench/scan.py --json out.jsonl # also write one JSON record per measurement
 
 Implementations: `linear_scan` (forward, reverse and bidirectional directions), torch's
-compiled `associative_scan`, the sequential reference loop, and `accelerated-scan` at its
-own (B, D, T) layout with gates in the tokens' dtype, run in a child process because it is
-known to crash (illegal memory access) in bf16 at T >= 4096. Bytes per element count each
+compiled `associative_scan`, the sequential reference loop, and `accelerated-scan` (its CUDA
+warp scan and its Triton scan) at its own (B, D, T) layout with gates in the tokens' dtype,
+each variant in a child process because the warp scan is known to crash (illegal memory
+access) in bf16 at T >= 4096. Bytes per element count each
 input read once and each output written once: forward reads a, x and writes h; backward
 reads a, h, dh and writes da, dx. Gates are always float32 for ours (bf16 gates lose the
 decay); `bf16` means x, h and their gradients are bf16. Error is the relative L2 distance
@@ -19,6 +20,7 @@ of h to a float64 sequential scan of the same inputs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -241,9 +243,13 @@ def bench_associative_scan(a, x, dh, dtype, device, budget_s, with_backward, wan
                        note=f"failed: {type(exc).__name__}: {str(exc)[:100]}")]
 
 
+ACCELERATED_VARIANTS = ("warp", "triton")  # its CUDA warp scan, its Triton scan
+
+
 def accelerated_scan_child(args) -> None:
-    """Runs in a child process: accelerated-scan at its (B, D, T) layout, prints one JSON."""
-    from accelerated_scan.warp import scan as warp_scan
+    """Runs in a child process: accelerated-scan's `args.accelerated_variant` at its (B, D, T)
+    layout, prints one JSON."""
+    warp_scan = importlib.import_module(f"accelerated_scan.{args.accelerated_variant}").scan
 
     batch, length, width, dtype = args.batch, args.lengths[0], args.width, args.dtypes[0]
     a, x, dh = make_inputs(batch, length, width, dtype, "cuda")
@@ -267,32 +273,42 @@ def accelerated_scan_child(args) -> None:
     torch.cuda.synchronize()
     err = rel_err(h.transpose(1, 2), want)
     numbers = measure(fwd, grads_of, "cuda", args.budget, fwd_bytes, bwd_bytes, a.numel())
-    record = Record("accelerated-scan", "forward", dtype, batch, length, width, *numbers, rel_err=err,
+    name = f"accelerated-scan {args.accelerated_variant}"
+    record = Record(name, "forward", dtype, batch, length, width, *numbers, rel_err=err,
                     note=f"(B, D, T) layout, {dtype} gates")
     print("RESULT " + json.dumps(asdict(record)))
 
 
 def bench_accelerated_scan(batch, length, width, dtype, budget_s):
-    try:
-        import accelerated_scan  # noqa: F401
-    except ImportError:
-        return [Record("accelerated-scan", "forward", dtype, batch, length, width, note="not installed")]
-    if length & (length - 1):
-        return [Record("accelerated-scan", "forward", dtype, batch, length, width,
-                       note="needs a power-of-two T")]
-    command = [sys.executable, __file__, "--accelerated-scan-child", "--batch", str(batch),
-               "--lengths", str(length), "--width", str(width), "--dtypes", dtype,
-               "--budget", str(budget_s)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return [Record("accelerated-scan", "forward", dtype, batch, length, width, note="timed out")]
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return [Record(**json.loads(line[len("RESULT "):]))]
-    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-    return [Record("accelerated-scan", "forward", dtype, batch, length, width,
-                   note=f"crashed (exit {done.returncode}): {tail[0][:100]}")]
+    """Each of accelerated-scan's variants in its own child process (its warp scan crashes the
+    process in bf16 at T >= 4096)."""
+    records = []
+    for variant in ACCELERATED_VARIANTS:
+        name = f"accelerated-scan {variant}"
+        try:
+            importlib.import_module(f"accelerated_scan.{variant}")
+        except ImportError as exc:
+            records.append(Record(name, "forward", dtype, batch, length, width, note=f"not installed ({exc})"))
+            continue
+        if length & (length - 1):
+            records.append(Record(name, "forward", dtype, batch, length, width, note="needs a power-of-two T"))
+            continue
+        command = [sys.executable, __file__, "--accelerated-scan-child", "--accelerated-variant", variant,
+                   "--batch", str(batch), "--lengths", str(length), "--width", str(width), "--dtypes", dtype,
+                   "--budget", str(budget_s)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            records.append(Record(name, "forward", dtype, batch, length, width, note="timed out"))
+            continue
+        results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if results:
+            records.append(Record(**json.loads(results[-1][len("RESULT "):])))
+            continue
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        records.append(Record(name, "forward", dtype, batch, length, width,
+                              note=f"crashed (exit {done.returncode}): {tail[0][:100]}"))
+    return records
 
 
 def print_table(records: list[Record], copy_gbps: float) -> None:
@@ -351,6 +367,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU: torch intra-op threads")
     parser.add_argument("--json", type=Path, help="append one JSON record per measurement")
     parser.add_argument("--accelerated-scan-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--accelerated-variant", choices=ACCELERATED_VARIANTS, default="warp", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     cpu = args.device == "cpu"
