@@ -58,7 +58,6 @@ from trainer.evaluate import (
     token_losses,
 )
 from clients.plot import family_means
-from objective_server.policies import POLICIES
 from trainer.models import MODELS, LanguageModel, build_model
 from trainer.models.common import IGNORE_INDEX
 
@@ -101,7 +100,9 @@ class TrainConfig:
     seq_len: int | None = field(default=None, metadata={"help": "the run's row length in tokens"})
     batch_size: int | None = field(default=None, metadata={"help": "the run's rows per rank and step"})
     run_seed: int | None = field(default=None, metadata={"help": "the run's data seed"})
-    policy: str | None = field(default=None, metadata={"help": "the run's mixture policy", "choices": sorted(POLICIES)})
+    # Not checked here: the trainer does not import the server's policies (nor their dependencies).
+    policy: str | None = field(default=None, metadata={
+        "help": "the run's mixture policy: birdie, exp3 or fixed (checked by the server)"})
     eval_steps: list[int] | None = field(default=None, metadata={
         "help": "the run's evaluation steps, a YAML list (default: Birdie's schedule scaled to the run)"})
     validation_batches: int | None = field(default=None, metadata={
@@ -153,7 +154,7 @@ class TrainConfig:
             "validation_batches": self.validation_batches is None or self.validation_batches >= 1,
             "validation_rows": self.validation_rows is None or self.validation_rows >= 1,
             "threads": self.threads is None or self.threads >= 1,
-            "model": self.model in MODELS, "policy": self.policy is None or self.policy in POLICIES,
+            "model": self.model in MODELS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -333,7 +333,7 @@ def test_help_explains_the_flags_and_lists_the_choices(capsys):
     for meaning in ("--lr LR peak learning rate (default: 0.003)", "--d-model D_MODEL model width (default: 256)",
                     "--bidirectional, --no-bidirectional read the prefix bidirectionally",
                     "--grad-clip GRAD_CLIP clip the gradient norm to this (0: no clipping)",
-                    "--model {gated_ssm,hawk,transformer} architecture", "--policy {birdie,exp3,fixed}",
+                    "--model {gated_ssm,hawk,transformer} architecture", "--policy POLICY the run's mixture policy: birdie, exp3 or fixed",
                     "--device {auto,cpu,cuda,cuda:N}", "--resume {FILE,auto} continue from a checkpoint file",
                     "examples: birdie-train --run-name demo", "torchrun --nproc_per_node 2 -m trainer.train",
                     "birdie-train --config run.yaml --lr 1e-3",
