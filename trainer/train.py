@@ -710,13 +710,13 @@ def train(config: TrainConfig) -> TrainResult:
                     losses={n: s.loss for n, s in scores.items()}, tokens={n: s.tokens for n, s in scores.items()},
                 ))
                 # Every rank's scores: (loss sum, correct predictions, tokens) per configuration, in the run's order.
-                totals = torch.tensor(
+                validation_sums = torch.tensor(
                     [[s.loss * s.tokens, s.accuracy * s.tokens, s.tokens] if n in own_share and (s := scores.get(n))
                      else [0.0, 0.0, 0.0] for n in names], dtype=torch.float64, device=device,
                 )
                 if ddp.enabled:
-                    dist.all_reduce(totals)
-                scored = [(n, *sums) for n, sums in zip(names, totals.tolist()) if sums[2] > 0]
+                    dist.all_reduce(validation_sums)
+                scored = [(n, *sums) for n, sums in zip(names, validation_sums.tolist()) if sums[2] > 0]
                 validation = {"step": done, "losses": {n: loss / count for n, loss, _, count in scored},
                               "accuracy": {n: right / count for n, _, right, count in scored},
                               "tokens": {n: int(count) for n, _, _, count in scored},
