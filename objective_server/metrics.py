@@ -85,6 +85,16 @@ class Metrics:
             ["run", "objective"], registry=r, multiprocess_mode="mostrecent",
         )
 
+    def show_mixture(self, context, version: int, probabilities) -> None:
+        """Set the run's mixture gauges to `version` (a RunContext's latest known), unless they show a
+        newer one; every process that learns a mixture sets them, so a restarted server or another
+        replica shows the run's mixture too, not only the process that published it."""
+        if version <= context.gauged_version:
+            return
+        context.gauged_version = version
+        for name, p in zip(context.names, probabilities):
+            self.mixture.labels(context.name, name).set(p)
+
     def exposition(self) -> bytes:
         directory = multiprocess_dir()
         if directory is None:

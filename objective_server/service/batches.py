@@ -121,6 +121,12 @@ class BatchService:
         version = timeline.version_at(step)
         key = _train_key(context, rank, world_size, step, version)
 
+        if version == timeline.latest_version and version > context.gauged_version:
+            try:
+                self.metrics.show_mixture(context, version, await self._probabilities(context, version))
+            except StoreUnavailable:
+                pass  # the gauges can wait; a cached batch must still be served in an outage
+
         async def generate() -> ServedBatch:
             probabilities = await self._probabilities(context, version)
             header = {

@@ -35,6 +35,8 @@ class RunContext:
     # One policy drain at a time in this process (the store lock orders replicas).
     drain_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_drain_check: float = 0.0
+    # The mixture version this process's birdie_mixture_probability gauges show (-1: none yet).
+    gauged_version: int = -1
 
     @property
     def name(self) -> str:

@@ -187,6 +187,9 @@ def test_replay_is_byte_identical_across_restarts_and_replicas(redis_server, liv
     b = live_server({**env, "BIRDIE_MAX_REQUEST_TOKENS": "1024"}, factory=POLICY_FACTORY)
     for (rank, step), content in served.items():
         assert get_batch(b, rank=rank, world_size=2, step=step) == content
+    # ... and its metrics show the run's latest mixture, which another process published.
+    gauge = f'birdie_mixture_probability{{objective="{names[1]}",run="small"}} 0.5'
+    assert gauge in b.get("/metrics").text
     # A new address first served by b, then asked of a.
     fresh = get_batch(b, rank=0, world_size=2, step=9)
     assert get_batch(a, rank=0, world_size=2, step=9) == fresh
