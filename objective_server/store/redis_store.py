@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 
 import redis.asyncio as redis
+from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -67,6 +68,19 @@ from objective_server.store.protocol import (
 log = logging.getLogger(__name__)
 
 LOCK_POLL_S = 0.01
+
+
+class OwnTokenLock(Lock):
+    """redis-py's lock (SET NX PX with a random token), except that finding the key already holding
+    our own token counts as acquired: the connection retry re-sends a SET whose reply was lost after
+    Redis ran it, and plain SET NX then fails against ourselves, blocking every drain until the lock
+    expires."""
+
+    async def do_acquire(self, token: str | bytes) -> bool:
+        if await super().do_acquire(token):
+            return True
+        held = await self.redis.get(self.name)
+        return held is not None and held == (token.encode() if isinstance(token, str) else token)
 
 _CREATE_RUN = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -457,13 +471,14 @@ class RedisRunStore:
         with self._backend():
             if not await self._redis.exists(keys[0]):
                 raise UnknownRun(run)
-        # redis-py's Lock: SET NX PX with a random token; release is a token-checked script.
+        # SET NX PX with a random token (OwnTokenLock); release is a token-checked script.
         lock = self._redis.lock(
             f"{prefix}lock:{name}",
             timeout=ttl_s,
             sleep=LOCK_POLL_S,
             blocking_timeout=wait_s,
             thread_local=False,
+            lock_class=OwnTokenLock,
         )
         with self._backend():
             acquired = await lock.acquire()

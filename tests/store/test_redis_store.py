@@ -199,3 +199,64 @@ async def test_more_concurrent_calls_than_connections_wait_for_one(redis_server,
         assert max(t.max_served for t in timelines) == 299
     finally:
         await small_pool.close()
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy to Redis that, when armed with a marker, forwards the next command containing it
+    and then cuts the connection instead of passing Redis's reply back: the command ran, the client
+    saw a connection error (and redis-py's one retry re-sends it on a new connection)."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.marker: bytes | None = None
+        self.dropped = 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _connection(self, client_reader, client_writer) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        drop_next_reply = asyncio.Event()
+
+        async def commands() -> None:
+            while data := await client_reader.read(65536):
+                if self.marker is not None and self.marker in data:
+                    self.marker = None
+                    drop_next_reply.set()
+                redis_writer.write(data)
+                await redis_writer.drain()
+            redis_writer.close()
+
+        async def replies() -> None:
+            while data := await redis_reader.read(65536):
+                if drop_next_reply.is_set():
+                    self.dropped += 1
+                    client_writer.close()
+                    redis_writer.close()
+                    return
+                client_writer.write(data)
+                await client_writer.drain()
+            client_writer.close()
+
+        await asyncio.gather(commands(), replies(), return_exceptions=True)
+
+    async def close(self) -> None:
+        self.server.close()
+
+
+async def test_a_lock_whose_acquire_reply_was_lost_is_still_ours(redis_server):
+    proxy = ReplyDroppingProxy(redis_server.port)
+    store = RedisRunStore.from_url(await proxy.start(), namespace="lossy")
+    try:
+        await store.create_run("r", CONFIG, INITIAL, b"")
+        proxy.marker = b"PX"  # the lock's SET NX PX
+        started = time.monotonic()
+        async with store.lock("r", "policy", ttl_s=60, wait_s=2):
+            assert proxy.dropped == 1  # the SET ran, its reply was lost, redis-py re-sent it
+        assert time.monotonic() - started < 1.0  # not a wait for the lock to expire
+        async with store.lock("r", "policy", ttl_s=60, wait_s=0.5):
+            pass  # released: the next holder gets it at once
+    finally:
+        await store.close()
+        await proxy.close()
