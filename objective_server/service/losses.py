@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from clients.models import LossPostBody, LossPostResponse
 from objective_server.metrics import Metrics
@@ -56,8 +56,6 @@ class DrainResult:
     consumed: tuple[tuple[str, int], ...] = ()  # (split, step) keys this drain committed
     mixture_version: int | None = None  # the last mixture it published, if any
     lock_busy: bool = False  # another drain held the lock for longer than we waited
-    not_applied: dict[tuple[str, int], str] = field(default_factory=dict)  # consumed, but the policy
-    # ignored it or failed on it: why
 
 
 class LossService:
@@ -138,7 +136,10 @@ class LossService:
             completed=outcome.completed is not None,
         )
         completed = outcome.completed
-        wanted = completed is not None and completed.split in context.policy.observes
+        observed = post.split in context.policy.observes
+        # A repeated post of the last rank may be the retry of one that completed the observation
+        # and lost its answer: drain as the completing post would have.
+        wanted = observed and (completed is not None or (outcome.duplicate and outcome.ranks_posted >= post.world_size))
         if not (wanted or self._drain_due(context)):
             return response
         try:
@@ -154,10 +155,15 @@ class LossService:
             return response
         if completed is not None:
             # A drain that ran to the end consumed everything pending when it started, ours included
-            # (by this drain or by one just before it).
-            reason = result.not_applied.get(completed.key)
-            response.policy_updated = not result.lock_busy and reason is None
-            response.policy_note = reason
+            # (by this drain or by one just before it, in this process or another).
+            if result.lock_busy:
+                pass  # still pending: policy_updated stays false
+            elif completed.key in context.outcomes:
+                response.policy_note = context.outcomes[completed.key]
+                response.policy_updated = response.policy_note is None
+            else:
+                response.policy_updated = True
+                response.policy_note = "taken by another server process's update; its log and metrics say how it went"
             response.mixture_version = result.mixture_version
             if response.mixture_version is None:
                 response.mixture_version = await self._latest_version(context)
@@ -200,13 +206,12 @@ class LossService:
     async def _drain_locked(self, context: RunContext) -> DrainResult:
         policy = context.policy
         consumed: list[tuple[str, int]] = []
-        not_applied: dict[tuple[str, int], str] = {}
         mixture_version = None
         conflicts = 0
         while True:
             pending = await self.store.pending(context.name)
             if not pending:
-                return DrainResult(tuple(consumed), mixture_version, not_applied=not_applied)
+                return DrainResult(tuple(consumed), mixture_version)
             # Observations the policy does not want are consumed along with the next one it does.
             batch: list[Aggregate] = []
             for aggregate in pending:
@@ -242,11 +247,11 @@ class LossService:
                 continue
             consumed += [a.key for a in batch]
             if failure is not None:
-                not_applied[observation.key] = failure
+                context.record_outcome(observation.key, failure)
                 self.metrics.policy_failures.labels(context.name, observation.split).inc()
             elif observation is not None:
-                if "ignored" in decision.meta:
-                    not_applied[observation.key] = f"the policy ignored it: {decision.meta['ignored']}"
+                ignored = decision.meta.get("ignored")
+                context.record_outcome(observation.key, f"the policy ignored it: {ignored}" if ignored else None)
                 self.metrics.policy_updates.labels(context.name, observation.split).inc()
             if outcome.mixture_version is not None:
                 mixture_version = outcome.mixture_version

@@ -37,6 +37,14 @@ class RunContext:
     last_drain_check: float = 0.0
     # The mixture version this process's birdie_mixture_probability gauges show (-1: none yet).
     gauged_version: int = -1
+    # What this process's drains did with the observations they consumed, newest last: (split, step)
+    # -> None (applied) or why not; so a post whose observation another drain here consumed can say.
+    outcomes: dict[tuple[str, int], str | None] = field(default_factory=dict)
+
+    def record_outcome(self, key: tuple[str, int], reason: str | None, keep: int = 256) -> None:
+        self.outcomes[key] = reason
+        while len(self.outcomes) > keep:
+            del self.outcomes[next(iter(self.outcomes))]
 
     @property
     def name(self) -> str:

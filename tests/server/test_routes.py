@@ -4,6 +4,7 @@ malformed or hostile requests that must get a 4xx and leave the state untouched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from tokenizers import Tokenizer
 from clients.wire import ARROW_MEDIA_TYPE, FIELDS, decode_arrow, decode_json
 from objective_server.objectives.presets import list_presets, preset
 from objective_server.packing import IGNORE_INDEX, PADDING, PREFIX, SUFFIX
+from objective_server.store import LossPost
 from server.conftest import BATCH_SIZE, SEQ_LEN, run_config
 
 pytestmark = pytest.mark.anyio
@@ -175,6 +177,40 @@ async def test_a_policy_failure_consumes_that_evaluation_and_later_ones_still_ap
     text = (await client.get("/metrics")).text
     assert 'birdie_policy_failures_total{run="rot",split="validation"} 1.0' in text
     assert 'birdie_policy_updates_total{run="rot",split="validation"} 1.0' in text
+
+
+async def test_a_post_whose_observation_another_drain_took_reports_that_drains_outcome(app_client):
+    # Eval 4's drain is slow (0.5 s): eval 8 completes meanwhile, and that drain also takes (and
+    # fails on) it; eval 8's own post finds nothing left to drain but must still say what happened.
+    client = await app_client(run_files=[], drain_interval_s=0.01)
+    config = run_config("rot", policy={"name": "rotating", "options": {"delay_s": 0.5, "fail_at": [8]}})
+    names = [o["name"] for o in (await client.post("/runs", json=config)).json()["objectives"]]
+    await batch(client, run="rot", step=7)
+    post = {"run": "rot", "split": "validation", "losses": {names[0]: 2.0}, "tokens": {names[0]: 10}}
+
+    async def evaluation(step: int, after_s: float) -> dict:
+        await asyncio.sleep(after_s)
+        return (await client.post("/losses", json={**post, "step": step})).json()
+
+    four, eight = await asyncio.gather(evaluation(4, 0.0), evaluation(8, 0.1))
+    assert four["policy_updated"] and four["policy_note"] is None
+    assert not eight["policy_updated"] and "RuntimeError" in eight["policy_note"]
+
+
+async def test_the_retry_of_a_completing_post_whose_answer_was_lost_still_updates_the_policy(app_client):
+    client = await app_client(run_files=[], drain_interval_s=3600)  # no housekeeping drains
+    names = [o["name"] for o in (await client.post("/runs", json=run_config("rot", policy={"name": "rotating"}))).json()["objectives"]]
+    await batch(client, run="rot", step=3)
+    post = {"run": "rot", "step": 4, "world_size": 2, "split": "validation",
+            "losses": {names[0]: 2.0}, "tokens": {names[0]: 10}}
+    assert (await client.post("/losses", json={**post, "rank": 0})).json()["completed"] is False
+    # Rank 1's first attempt reached the store and completed the evaluation, but its answer was lost.
+    store = client._transport.app.state.services.store
+    await store.post_losses("rot", LossPost(4, 1, 2, "validation", {names[0]: 2.0}, {names[0]: 10}))
+    retried = (await client.post("/losses", json={**post, "rank": 1})).json()
+    assert retried["status"] == "duplicate"
+    mixture = (await client.get("/mixture", params={"run": "rot"})).json()
+    assert mixture["version"] == 1 and mixture["meta"]["policy_state"]["observed"] == [["validation", 4]]
 
 
 async def test_losses_are_taken_only_for_steps_the_run_has_trained(app_client):
