@@ -113,7 +113,18 @@ class BatchService:
             self.metrics.stale_serves.inc()
             return cached
         context.remember(timeline)
+        await self._learn_mixtures(context, timeline)
         return timeline
+
+    async def _learn_mixtures(self, context: RunContext, timeline: Timeline) -> None:
+        """Keep every mixture of `timeline` in this process (a mixture never changes): in an outage,
+        any address the cached timeline covers can then be served, not only those whose mixture this
+        process happened to use before."""
+        try:
+            for version in range(timeline.latest_version + 1):
+                await self._probabilities(context, version)
+        except StoreUnavailable:
+            pass  # the request's own mixture is fetched (or found missing) when it is generated
 
     async def _train_at(
         self, context: RunContext, timeline: Timeline, rank: int, world_size: int, step: int, prefetch: bool

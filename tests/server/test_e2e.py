@@ -295,6 +295,25 @@ def test_with_redis_down_known_addresses_serve_and_loss_posts_wait(redis_server,
     assert get_batch(server, step=2) == served[2]
 
 
+def test_with_redis_down_a_replica_serves_every_address_of_its_cached_timeline(
+    redis_server, live_server, corpus_path, tmp_path
+):
+    """Another replica published the mixtures; this one used only the latest before Redis went
+    down, and still serves steps that use the earlier ones."""
+    runs = write_runs(tmp_path / "runs.yaml", run_config(policy={"name": "rotating"}))
+    env = server_env(corpus_path, runs, redis_server.url)
+    a = live_server(env, factory=POLICY_FACTORY)
+    names = names_of(a)
+    expected = {step: get_batch(a, step=step) for step in range(4)}  # mixture 0
+    post = {"run": "small", "step": 4, "split": "validation", "losses": {names[0]: 3.0}, "tokens": {names[0]: 5}}
+    assert a.post("/losses", json=post).json()["mixture_version"] == 1  # effective from step 4
+    b = live_server({**env, "BIRDIE_CACHE_SIZE": "1", "BIRDIE_PREFETCH_DEPTH": "0"}, factory=POLICY_FACTORY)
+    expected[4] = get_batch(b, step=4)  # b learns the timeline up to step 4 (and uses mixture 1 only)
+    redis_server.kill()
+    for step in (0, 2, 4, 1):
+        assert get_batch(b, step=step) == expected[step]
+
+
 def test_the_server_starts_while_redis_is_down_and_gets_ready_when_it_returns(
     redis_server, live_server, corpus_path, run_file
 ):
