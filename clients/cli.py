@@ -144,6 +144,9 @@ def runs(client: BirdieClient, name: str | None, as_json: bool) -> None:
     for s in summaries:
         table.add_row(Text(s.name), Text(s.policy), str(s.objectives), str(s.seq_len), str(s.batch_size), str(s.mixture_version), str(s.max_served))
     console().print(table)
+    for s in summaries:
+        if s.unservable:
+            console().print(Text(f"{s.name}: not served here: {s.unservable}"))
 
 
 def objectives_table(objectives: list) -> Table:

@@ -89,6 +89,7 @@ class RunSummary(BaseModel):
     batch_size: int
     mixture_version: int
     max_served: int
+    unservable: str | None = None  # why this server cannot serve the run (e.g. another corpus)
 
 
 class RunInfo(BaseModel):

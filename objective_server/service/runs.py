@@ -17,7 +17,7 @@ from objective_server.corpus.store import TokenStore
 from objective_server.objectives import Objective
 from objective_server.objectives.presets import list_presets, preset
 from objective_server.runs import RunConfig
-from objective_server.service.errors import InvalidRequest
+from objective_server.service.errors import InvalidRequest, RunConflict
 from objective_server.service.registry import RunContext, RunRegistry
 from objective_server.store import RunStore
 
@@ -37,15 +37,23 @@ class RunService:
         return await self.info(context.name), created
 
     async def summaries(self) -> list[RunSummary]:
+        """Every run in the store, those this server cannot serve included (another corpus, a policy it
+        does not know): listed from their stored config, with the reason."""
         out = []
         for name in await self.store.list_runs():
-            context = await self.registry.get(name)
-            timeline = await self.store.timeline(name, known=context.timeline)
-            context.remember(timeline)
-            c = context.config
+            try:
+                context = await self.registry.get(name)
+            except (RunConflict, ValueError) as error:  # ValueError: InvalidRequest, a config it rejects
+                config, known, unservable = await self.store.get_config(name), None, str(error)
+            else:
+                config, known, unservable = context.config.stored(), context.timeline, None
+            timeline = await self.store.timeline(name, known=known)
+            if unservable is None:
+                context.remember(timeline)
             out.append(RunSummary(
-                name=name, policy=c.policy.name, objectives=len(c.arms), seq_len=c.seq_len,
-                batch_size=c.batch_size, mixture_version=timeline.latest_version, max_served=timeline.max_served,
+                name=name, policy=config["policy"]["name"], objectives=len(config["arms"]),
+                seq_len=config["seq_len"], batch_size=config["batch_size"], mixture_version=timeline.latest_version,
+                max_served=timeline.max_served, unservable=unservable,
             ))
         return out
 

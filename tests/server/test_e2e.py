@@ -222,6 +222,10 @@ def test_a_replica_on_another_corpus_refuses_the_run_instead_of_serving_other_by
         assert response.status_code == 409, response.text
         assert f"reads corpus {fingerprint}" in response.json()["detail"]
     assert get_batch(a, step=0) == served  # the run itself is untouched
+    # Both list every run; the other server says why it cannot serve this one.
+    listed = {r["name"]: r for r in other.get("/runs").json()["runs"]}
+    assert f"reads corpus {fingerprint}" in listed["small"]["unservable"] and listed["small"]["max_served"] == 0
+    assert [r["unservable"] for r in a.get("/runs").json()["runs"]] == [None]
 
 
 # --- Redis failures --------------------------------------------------------------------------------
