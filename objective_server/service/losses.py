@@ -33,6 +33,7 @@ from objective_server.service.errors import InvalidRequest, UnknownObjective
 from objective_server.service.registry import RunContext, RunRegistry
 from objective_server.settings import Settings
 from objective_server.store import (
+    MAX_TOKENS,
     Aggregate,
     ConflictError,
     LockNotAcquired,
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 
 # A mean cross-entropy above this is not a loss but a bug (or an attack on the sums).
 MAX_LOSS = 1e6
-# Most tokens one rank may report for one configuration of one step.
-MAX_TOKENS = 1 << 40
 # How long a housekeeping drain tries for the run's lock before leaving the work to its holder.
 NO_WAIT_S = 0.01
 

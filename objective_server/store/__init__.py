@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from objective_server.store.memory import MemoryRunStore
 from objective_server.store.protocol import (
+    MAX_TOKENS,
     SPLITS,
     Aggregate,
     CommitOutcome,
@@ -39,6 +40,7 @@ def open_store(url: str | None, namespace: str = "birdie", timeout_s: float = 1.
 
 
 __all__ = [
+    "MAX_TOKENS",
     "SPLITS",
     "Aggregate",
     "CommitOutcome",

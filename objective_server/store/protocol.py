@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 SPLITS = ("train", "validation")
+# Most tokens one post may report for one configuration: the stores sum them in int64 (Redis
+# HINCRBY), which 2^23 maximal posts of one configuration cannot overflow.
+MAX_TOKENS = 1 << 40
 
 # Run names appear in URLs and Redis keys; braces would break the per-run Redis hash tag.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -147,8 +150,8 @@ class LossPost:
             if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
                 raise ValueError(f"loss of {name!r} must be a finite number, got {loss!r}")
             _require_int(f"tokens of {name!r}", count)
-            if count < 0:
-                raise ValueError(f"tokens of {name!r} must be >= 0, got {count}")
+            if not 0 <= count <= MAX_TOKENS:
+                raise ValueError(f"tokens of {name!r} must be in [0, {MAX_TOKENS}], got {count}")
             losses[name], tokens[name] = float(loss), int(count)
         # Own copies, so later changes to the caller's dicts cannot reach the store.
         object.__setattr__(self, "losses", losses)
