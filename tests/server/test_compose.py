@@ -59,6 +59,11 @@ def test_compose_file_wires_redis_server_and_trainer(compose):
     assert trainer["profiles"] == ["train"]
     assert trainer["environment"]["BIRDIE_SERVER_URL"] == "http://server:8000"
     assert trainer["command"][0] == "birdie-train"
+    # The trainer's command is one birdie-train accepts (argparse refuses an ambiguous --run).
+    from trainer.train import parse_args
+
+    parsed = parse_args(trainer["command"][1:])
+    assert (parsed.run_name, parsed.device, parsed.resume) == ("birdie", "cuda", "auto")
     devices = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
 
