@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images from one file (docker-compose.yml picks the target):
-#   server:  the objective server (CPU only: numpy, FastAPI, uvicorn, redis-py)
+#   server:  the objective server, CPU only: FastAPI, uvicorn, redis-py, and the CPU build of torch
+#            with numba for the birdie policy's reward model
 #   trainer: the CUDA PyTorch trainer (nvcc included, to build the linear-scan extension)
 
 # --- the objective server -----------------------------------------------------------------------
@@ -10,9 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-# Dependencies first (cached while only the sources change), then the package itself.
+# Dependencies first (cached while only the sources change), then the package itself. torch comes
+# from PyTorch's CPU index first: from PyPI, `.[server]` would pull the CUDA build (several GB).
 COPY pyproject.toml setup.py README.md ./
-RUN mkdir -p objective_server clients trainer \
+RUN pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu \
+    && mkdir -p objective_server clients trainer \
     && touch objective_server/__init__.py clients/__init__.py trainer/__init__.py \
     && pip install ".[server,client]" \
     && pip uninstall -y birdie
