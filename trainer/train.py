@@ -465,9 +465,19 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    state = torch.load(path, map_location=device, weights_only=True)
+    """The contents of a checkpoint save_checkpoint wrote; ValueError for any other file."""
+    with open(path, "rb") as f:
+        try:
+            state = torch.load(f, map_location=device, weights_only=True)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            # Another file fails in many ways (UnpicklingError, RuntimeError, EOFError, OSError when cut short,
+            # ...), and torch's messages advise weights_only=False, which would run whatever code the file holds.
+            raise ValueError(f"{path} is not a birdie-train checkpoint: torch.load cannot read it "
+                             f"({type(error).__name__}: cut short, or another kind of file)") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a birdie-train checkpoint (format {CHECKPOINT_FORMAT})")
+        raise ValueError(f"{path} is not a birdie-train checkpoint: not a mapping of format {CHECKPOINT_FORMAT}")
     return state
 
 

@@ -260,6 +260,16 @@ def test_birdie_eval_cli_on_a_checkpoint(server, run_name, tmp_path, capsys):
     assert "no-such-run" in capsys.readouterr().err
 
 
+def test_birdie_eval_on_a_file_that_is_not_a_checkpoint_is_one_clear_line(not_checkpoints, capsys):
+    for path in not_checkpoints.values():
+        with pytest.raises(SystemExit) as exit_info:
+            eval_main([str(path), "--device", "cpu", "--quiet"])
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"Error: {path} is not a birdie-train checkpoint: ") and err.count("\n") == 1
+        assert "weights_only" not in err
+
+
 def test_readme_birdie_eval_example_works_on_a_fresh_server(server, run_name, tmp_path):
     """The README's example evaluates the checkpoint of `make run`'s `demo` run, which a fresh server
     (here: the module's, with the preset runs) never heard of."""

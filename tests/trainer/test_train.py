@@ -269,6 +269,18 @@ def test_unknown_run_is_a_clear_error(server):
         train(TrainConfig(**TINY, server_url=server.url, run_name="no-such-run"))
 
 
+def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_clear_line(server, client, not_checkpoints, capsys):
+    create_run(client, "unreadable", total_steps=2, eval_steps=[2])
+    for path in not_checkpoints.values():
+        with pytest.raises(SystemExit) as exit_info:
+            train_main(["--server-url", server.url, "--run-name", "unreadable", "--resume", str(path), "--d-model", "32",
+                        "--n-layers", "2", "--device", "cpu", "--threads", "1", "--no-progress"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"birdie-train: error: {path} is not a birdie-train checkpoint: ")
+        assert "weights_only" not in err and "Traceback" not in err
+
+
 # --- config ------------------------------------------------------------------------------------
 
 
@@ -375,6 +387,22 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():
     assert factors[12] == pytest.approx(0.55)  # halfway through the cosine
     assert factors[20] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+def test_load_checkpoint_refuses_other_files_without_torchs_unsafe_advice(not_checkpoints, tmp_path):
+    # torch's own errors advise weights_only=False, which would run the file's code.
+    for path in not_checkpoints.values():
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is not a birdie-train checkpoint: torch.load "
+                                             "cannot read it") as error:
+            load_checkpoint(path)
+        assert "weights_only" not in str(error.value)
+    other = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="is not a birdie-train checkpoint: not a mapping of format 1"):
+        load_checkpoint(other)
 
 
 # --- report ----------------------------------------------------------------------------------------
