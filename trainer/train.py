@@ -355,15 +355,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """"auto": CUDA when available, else CPU; a DDP rank on CUDA takes cuda:LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device torch knows ("gpu")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r}: CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
     return device
 
 

@@ -270,6 +270,13 @@ def test_birdie_eval_on_a_file_that_is_not_a_checkpoint_is_one_clear_line(not_ch
         assert "weights_only" not in err
 
 
+def test_birdie_eval_on_an_unknown_device_is_one_clear_line(not_checkpoints, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([str(not_checkpoints["text"]), "--device", "gpu", "--quiet"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "Error: device must be auto, cpu, cuda or cuda:N, got 'gpu'\n"
+
+
 def test_readme_birdie_eval_example_works_on_a_fresh_server(server, run_name, tmp_path):
     """The README's example evaluates the checkpoint of `make run`'s `demo` run, which a fresh server
     (here: the module's, with the preset runs) never heard of."""

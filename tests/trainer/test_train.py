@@ -24,6 +24,7 @@ from trainer.train import (
     main as train_main,
     parameter_groups,
     parse_args,
+    resolve_device,
     train,
 )
 
@@ -336,6 +337,18 @@ def test_yaml_values_are_coerced_like_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_args(["--config", str(path)])
         assert f"{path}: {message}" in capsys.readouterr().err
+
+
+def test_an_unknown_device_is_one_clear_line(capsys):
+    for name in ("gpu", "cuda:x", "meta"):
+        with pytest.raises(ValueError, match=f"^device must be auto, cpu, cuda or cuda:N, got '{name}'$"):
+            resolve_device(name)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--server-url", "http://127.0.0.1:9", "--device", "gpu", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "birdie-train: error: device must be auto, cpu, cuda or cuda:N, got 'gpu'"
+    assert "Traceback" not in err
 
 
 def test_help_explains_the_flags_and_lists_the_choices(capsys):
