@@ -101,6 +101,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from objective_server.metrics import MULTIPROC_ENV
+    from objective_server.service.registry import check_servable, split_tokens
     from objective_server.service.services import configured_runs, open_corpus
 
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
@@ -108,9 +109,12 @@ def serve(settings: Settings) -> None:
         "handlers": ["default"], "level": settings.log_level.upper(), "propagate": False,
     }
     logging.config.dictConfig(log_config)
-    configured_runs(settings)  # a bad run file fails here, once, not in every worker
+    configs = configured_runs(settings)  # a bad run file fails here, once, not in every worker
     # Prepare (or open) the corpus once, before the workers start: they then only open it.
     corpus = open_corpus(settings)
+    tokens = split_tokens(corpus)
+    for config in configs:  # and so does a run this corpus cannot serve
+        check_servable(config, tokens, settings.max_request_tokens)
     settings = settings.model_copy(update={"corpus": corpus.path})
     os.environ.update(settings.environment())
     metrics_dir = None

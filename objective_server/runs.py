@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from objective_server.objectives import Objective, parse_objective
 from objective_server.objectives.presets import preset as preset_arms
@@ -178,19 +178,28 @@ def control_step(total_steps: int) -> int:
 
 
 def load_run_configs(path: str | Path) -> list[RunConfig]:
-    """Runs from a YAML or TOML file: one run mapping, or `runs: [ ... ]`."""
+    """Runs from a YAML or TOML file: one run mapping, or `runs: [ ... ]`. Every problem (unreadable
+    file, bad syntax, an invalid run) is a ValueError naming the file."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text)
-    else:
+    if path.suffix not in (".toml", ".yaml", ".yml"):
         raise ValueError(f"{path}: run configs are .yaml, .yml or .toml")
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: cannot read it as {path.suffix[1:].upper()}: {error}") from None
     runs = data.get("runs", [data]) if isinstance(data, dict) else None
     if not isinstance(runs, list):
         raise ValueError(f"{path}: expected a run mapping or `runs: [...]`")
-    return [RunConfig.model_validate(r) for r in runs]
+    configs = []
+    for i, run in enumerate(runs):
+        try:
+            configs.append(RunConfig.model_validate(run))
+        except ValidationError as error:
+            name = run.get("name") if isinstance(run, dict) else None
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'run'}: {e['msg']}" for e in error.errors())
+            raise ValueError(f"{path}: run {name or i!r}: {problems}") from None
+    return configs
 
 
 PRESET_DIR = Path(__file__).parent / "presets"

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from objective_server.store import REDIS_SCHEMES
+
 ENV_PREFIX = "BIRDIE_"
 
 
@@ -75,6 +77,9 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         if isinstance(value, str) and value.strip() in ("", "memory://"):
             return None
+        if isinstance(value, str) and not value.startswith(REDIS_SCHEMES):
+            # (the value is not echoed: it may hold a password)
+            raise ValueError(f"must be empty, memory:// or start with {', '.join(REDIS_SCHEMES)}")
         return value
 
     @field_validator("log_level", mode="before")

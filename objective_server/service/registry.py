@@ -80,11 +80,31 @@ class RunContext:
             self.timeline = timeline
 
 
+def split_tokens(corpus: TokenStore) -> dict[str, int]:
+    return {split: corpus.split(split).n_tokens for split in ("train", "validation")}
+
+
+def check_servable(config: RunConfig, split_tokens: dict[str, int], max_request_tokens: int) -> None:
+    """InvalidRequest unless a server with this corpus (`split_tokens`) and batch size limit can
+    serve `config`: batches within the limit, and every split of the corpus at least one row long."""
+    if config.tokens_per_step > max_request_tokens:
+        raise InvalidRequest(
+            f"run {config.name!r}: batch_size * seq_len = {config.batch_size} * {config.seq_len} = "
+            f"{config.tokens_per_step} tokens per batch, above this server's limit of "
+            f"{max_request_tokens} (BIRDIE_MAX_REQUEST_TOKENS)"
+        )
+    for split, n_tokens in split_tokens.items():
+        try:
+            window_count(n_tokens, config.seq_len, split)
+        except ValueError as error:
+            raise InvalidRequest(f"run {config.name!r}: {error}") from None
+
+
 class RunRegistry:
     def __init__(self, store: RunStore, corpus: TokenStore, max_request_tokens: int) -> None:
         self.store = store
         self.corpus_fingerprint = corpus.fingerprint
-        self.split_tokens = {split: corpus.split(split).n_tokens for split in ("train", "validation")}
+        self.split_tokens = split_tokens(corpus)
         self.max_request_tokens = max_request_tokens
         self._runs: dict[str, RunContext] = {}
 
@@ -99,19 +119,7 @@ class RunRegistry:
         return RunContext(config=config, policy=policy)
 
     def check_servable(self, config: RunConfig) -> None:
-        """InvalidRequest unless this server can serve `config`: batches within its size limit, and
-        every split of its corpus at least one row long."""
-        if config.tokens_per_step > self.max_request_tokens:
-            raise InvalidRequest(
-                f"run {config.name!r}: batch_size * seq_len = {config.batch_size} * {config.seq_len} = "
-                f"{config.tokens_per_step} tokens per batch, above this server's limit of "
-                f"{self.max_request_tokens} (BIRDIE_MAX_REQUEST_TOKENS)"
-            )
-        for split, n_tokens in self.split_tokens.items():
-            try:
-                window_count(n_tokens, config.seq_len, split)
-            except ValueError as error:
-                raise InvalidRequest(f"run {config.name!r}: {error}") from None
+        check_servable(config, self.split_tokens, self.max_request_tokens)
 
     def _check_corpus(self, config: RunConfig) -> None:
         # A run stored before runs recorded their corpus (corpus None) cannot be checked.
