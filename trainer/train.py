@@ -224,8 +224,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     """A YAML file of TrainConfig fields, then `overrides`."""
     import yaml
 
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    # Bytes: PyYAML decodes them itself, so an undecodable file is a YAMLError too.
+    with open(path, "rb") as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config fields")
     try:
@@ -233,6 +237,15 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     return config_from_mapping(overrides or {}, base)
+
+
+def _yaml_problem(error: Exception) -> str:
+    """A YAML error on one line: what and where (PyYAML's own text spans several, quoting the source)."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(error).split())
+    context = f"{error.context}: " if getattr(error, "context", None) else ""
+    return f"{context}{error.problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def _parse_value(field_type: Any, value: Any) -> Any:

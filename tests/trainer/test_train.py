@@ -320,6 +320,19 @@ def test_config_errors_are_clear(tmp_path, capsys):
         TrainConfig(resume=str(tmp_path / "missing.pt"))
 
 
+def test_malformed_yaml_is_one_clear_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    for content, problem in ((b"lr: [oops\n", "while parsing a flow sequence: expected ',' or ']', but got '<stream end>' "
+                                               "(line 2, column 1)"),
+                             (b"lr: 1\n\xff\n", "unacceptable character #x00ff: invalid start byte")):
+        path.write_bytes(content)
+        with pytest.raises(SystemExit) as exit_info:
+            train_main(["--config", str(path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith(f"birdie-train: error: {path}: not valid YAML: {problem}")
+
+
 def test_yaml_values_are_coerced_like_flags(tmp_path, capsys):
     # PyYAML (YAML 1.1) reads 3e-4 as a string and 0 as an int; both are floats here, as from flags.
     path = tmp_path / "run.yaml"
