@@ -4,10 +4,12 @@
 #
 #   bench/gpu_all.sh OUTDIR [STAGE ...]
 #
-# Stages, in this order by default (all of them):
+# Stages (the default runs info kernels build tests scan train sweep sanitize, in that order;
+# sass and profile only when named):
 #   info     nvidia-smi, torch, nvcc
 #   kernels  the raw CUDA kernels against a float64 host reference, every tile, outputs
-#            poisoned (trainer/scan/csrc/scan_kernels_check.cu). SCAN_CHECK=path: a prebuilt binary
+#            poisoned (trainer/scan/csrc/scan_kernels_check.cu), built for SCAN_ARCH (default: this
+#            GPU's compute capability). SCAN_CHECK=path: a prebuilt binary
 #   sanitize compute-sanitizer's racecheck and memcheck over that program (after `kernels`)
 #   build    the JIT build of the CUDA scan extension, timed
 #   tests    pytest -m gpu over tests/trainer: scan op, models, bf16 training on the GPU
@@ -15,7 +17,7 @@
 #   sweep    bench/scan.py --sweep (every kernel tile at T = 4096)
 #   sass     the built extension's scan kernels disassembled, to OUTDIR/scan.sass
 #   profile  Nsight Compute over one forward and one backward launch per dtype (bench/scan_profile.py)
-#   train    bench/train.py (125M bidirectional Hawk, L = 2048; TRAIN_ARGS adds flags), JSON to
+#   train    bench/train.py (the ~117M-parameter "125M" bidirectional Hawk, L = 2048; TRAIN_ARGS adds flags), JSON to
 #            OUTDIR/train.jsonl
 #
 # Each stage runs under a time limit (STAGE_LIMIT_S, default 300 s) and logs to OUTDIR/STAGE.log;
@@ -49,7 +51,8 @@ for s in "${stages[@]}"; do
     info) stage info "nvidia-smi; nvcc --version | tail -2; $python -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0))'" ;;
     kernels)
       check=${SCAN_CHECK:-/tmp/scan_check}
-      [ -n "${SCAN_CHECK:-}" ] || build="nvcc -std=c++17 -O2 -arch=sm_90 -lineinfo -o $check trainer/scan/csrc/scan_kernels_check.cu && "
+      arch=${SCAN_ARCH:-sm_$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}
+      [ -n "${SCAN_CHECK:-}" ] || build="nvcc -std=c++17 -O2 -arch=$arch -lineinfo -o $check trainer/scan/csrc/scan_kernels_check.cu && "
       stage kernels "${build:-}$check" ;;
     sanitize)
       check=${SCAN_CHECK:-/tmp/scan_check}

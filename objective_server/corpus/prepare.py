@@ -428,7 +428,7 @@ def prepare_corpus(
     )
     out = Path(out)
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists (pass overwrite to replace it)")
+        raise OutputExistsError(f"{out}: already exists (--overwrite, or overwrite=True, replaces it)")
 
     added: list[str] = []
     if tokenizer is not None:
