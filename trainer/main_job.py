@@ -5,7 +5,7 @@
 1. Starts the objective server (`birdie-server serve`) as a subprocess on a free loopback port,
    with the in-process store and the embedded default corpus (prepared on the first start).
 2. Creates a run: the `birdie` preset (all seven objective families), short rows, the Birdie
-   reward-driven policy (the fixed mixture if the server has no `birdie` policy).
+   reward-driven policy (or --policy).
 3. Trains a small bidirectional Hawk on it with `trainer.train` (progress bar on stderr),
    posting training losses every step and validation losses at the evaluation steps, so the
    controller re-chooses the mixture while it trains.
@@ -107,12 +107,6 @@ class LocalServer:
         self.stop()
 
 
-def default_policy() -> str:
-    from objective_server.policies import POLICIES
-
-    return "birdie" if "birdie" in POLICIES else "fixed"
-
-
 def evaluation_steps(total_steps: int, count: int) -> list[int]:
     """`count` evaluation steps, denser early (roughly geometric), the last at total_steps: the
     controller needs a few early evaluations to see losses fall, and each one costs a pass over
@@ -143,7 +137,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--policy", default=None, help="mixture policy (default: birdie if the server has it, else fixed)")
+    parser.add_argument("--policy", default="birdie",
+                        help="the run's mixture policy: birdie, exp3 or fixed, checked by the server (default: %(default)s)")
     parser.add_argument("--evaluations", type=int, default=7, help="evaluation steps during training (default 7)")
     parser.add_argument("--validation-rows", type=int, default=2,
                         help="rows of each validation batch scored (of batch-size; fewer is faster on a CPU)")
@@ -186,7 +181,7 @@ def run_job(args: argparse.Namespace) -> tuple[Path, Path]:
         config = TrainConfig(
             model="hawk", d_model=args.d_model, n_layers=args.n_layers, bidirectional=True, init_seed=args.seed,
             server_url=url, run_name=args.name, create_run=True, preset="birdie", seq_len=args.seq_len,
-            batch_size=args.batch_size, run_seed=args.seed, policy=args.policy or default_policy(),
+            batch_size=args.batch_size, run_seed=args.seed, policy=args.policy,
             eval_steps=evaluation_steps(args.steps, args.evaluations), validation_rows=args.validation_rows,
             steps=args.steps, lr=args.lr, warmup_steps=max(1, args.steps // 20),
             checkpoint_dir=str(out_dir / "checkpoints"), metrics_file=str(out_dir / "metrics.jsonl"),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -470,6 +472,22 @@ def test_main_job_evaluation_schedule():
     assert evaluation_steps(5, 3) == [5]
     steps = evaluation_steps(1000, 5)
     assert steps[0] == 10 and steps[-1] == 1000 and steps == sorted(set(steps)) and len(steps) == 5
+
+
+def test_main_job_against_a_server_needs_only_the_trainers_dependencies(server, tmp_path):
+    # The server's own dependencies, absent from a trainer-only install: importing them fails.
+    server_only = ("redis", "numba", "fastapi", "uvicorn", "pydantic_settings", "prometheus_client", "orjson")
+    code = f"import sys; sys.modules.update(dict.fromkeys({server_only!r})); import trainer.main_job as m; m.main(sys.argv[1:])"
+    job = subprocess.run(
+        [sys.executable, "-c", code, "--server-url", server.url, "--name", "trainer-only", "--out", str(tmp_path),
+         "--steps", "2", "--seq-len", "128", "--batch-size", "2", "--d-model", "32", "--n-layers", "2",
+         "--evaluations", "1", "--validation-rows", "1", "--finetune-steps", "0", "--phone-book-numbers", "",
+         "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    report = json.loads((tmp_path / "trainer-only" / "report.json").read_text())
+    assert report["config"]["train"]["policy"] == report["final_mixture"]["policy"] == "birdie"
 
 
 def test_main_job_end_to_end(tmp_path, capsys):
