@@ -51,9 +51,11 @@ def measure(objectives, probs, tokens, special, seq_len, batch_size, seconds):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq-len", type=int, nargs="+", default=[2048, 8192])
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[2048, 8192],
+                    help="row lengths, one table each (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=8, help="rows per batch (default: %(default)s)")
+    ap.add_argument("--seconds", type=float, default=2.0,
+                    help="seconds of batch generation per objective and preset (default: %(default)s)")
     ap.add_argument("--corpus", help="a prepared token store (default: the embedded default corpus)")
     args = ap.parse_args()
 

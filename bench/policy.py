@@ -79,9 +79,12 @@ def time_update(config: RunConfig, state: bytes, step: int, repeat: int, **optio
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--history", type=int, nargs="+", default=[10, 50, 200])
-    parser.add_argument("--repeat", type=int, default=3, help="updates per cell: best and median shown")
+    parser.add_argument("--configs", type=int, nargs="+", default=[8, 32, 128],
+                        help="numbers of objective configurations K (default: %(default)s)")
+    parser.add_argument("--history", type=int, nargs="+", default=[10, 50, 200],
+                        help="evaluations in the policy's history (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="updates per cell: best and median shown (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "

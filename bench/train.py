@@ -183,22 +183,29 @@ def peak_tflops(device: torch.device) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--d-model", type=int, default=768)
-    parser.add_argument("--n-layers", type=int, default=12)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps with our scan")
-    parser.add_argument("--reference-steps", type=int, default=2, help="timed steps with the reference scan (0: skip)")
-    parser.add_argument("--server-steps", type=int, default=20, help="steps through the server (0: skip part 2)")
-    parser.add_argument("--prefetch", type=int, default=4, help="client prefetch (batches in flight)")
-    parser.add_argument("--generation-workers", type=int, default=2, help="server generation processes")
-    parser.add_argument("--server-prefetch", type=int, default=2, help="steps the server generates ahead per rank")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train (default: %(default)s)")
+    parser.add_argument("--vocab-size", type=int, default=32768,
+                        help="vocabulary of part 1's model (default: %(default)s)")
+    parser.add_argument("--d-model", type=int, default=768, help="Hawk's width (default: %(default)s)")
+    parser.add_argument("--n-layers", type=int, default=12, help="number of Hawk blocks (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="row length in tokens (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps with our scan (default: %(default)s)")
+    parser.add_argument("--reference-steps", type=int, default=2,
+                        help="timed steps with the reference scan (0: skip) (default: %(default)s)")
+    parser.add_argument("--server-steps", type=int, default=20,
+                        help="steps through the server (0: skip part 2) (default: %(default)s)")
+    parser.add_argument("--prefetch", type=int, default=4,
+                        help="client prefetch (batches in flight) (default: %(default)s)")
+    parser.add_argument("--generation-workers", type=int, default=2,
+                        help="server generation processes (default: %(default)s)")
+    parser.add_argument("--server-prefetch", type=int, default=2,
+                        help="steps the server generates ahead per rank (default: %(default)s)")
     parser.add_argument("--peak-tflops", type=float, help="peak for MFU (default: the GPU's dense bf16 peak)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for our scan's steps")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="also append one JSON record per measurement to this file")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -434,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-    @click.option("--server-url", envvar="BIRDIE_SERVER_URL", help="Objective server [env BIRDIE_SERVER_URL].")
+    @click.option("--server-url", envvar="BIRDIE_SERVER_URL",
+                  help="Objective server (default: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000); an API token, "
+                       "if it wants one, comes from $BIRDIE_API_TOKEN.")
     @click.option("--run", "run_name", help="Run whose validation batches to use (default: the checkpoint's run).")
     @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
     @click.option("--validation-batches", default=1, show_default=True, help="Validation batches per configuration.")

@@ -129,27 +129,39 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.main_job", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", default="demo", help="run name; the report goes to OUT/NAME (default demo)")
-    parser.add_argument("--out", default="runs", help="folder for run outputs (default runs)")
-    parser.add_argument("--steps", type=int, default=240, help="training steps (default 240)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--name", default="demo", help="run name; the report goes to OUT/NAME (default: %(default)s)")
+    parser.add_argument("--out", default="runs", help="folder for run outputs (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=240, help="training steps (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=256,
+                        help="the run's row length in tokens (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="the run's rows per step (default: %(default)s)")
+    parser.add_argument("--d-model", type=int, default=128, help="Hawk's width (default: %(default)s)")
+    parser.add_argument("--n-layers", type=int, default=4, help="number of Hawk blocks (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--policy", default="birdie",
-                        help="the run's mixture policy: birdie, exp3 or fixed, checked by the server (default: %(default)s)")
-    parser.add_argument("--evaluations", type=int, default=7, help="evaluation steps during training (default 7)")
+                        help="the run's mixture policy: birdie, exp3 or fixed, checked by the server "
+                             "(default: %(default)s)")
+    parser.add_argument("--evaluations", type=int, default=7,
+                        help="evaluation steps during training (default: %(default)s)")
     parser.add_argument("--validation-rows", type=int, default=2,
-                        help="rows of each validation batch scored (of batch-size; fewer is faster on a CPU)")
-    parser.add_argument("--finetune-steps", type=int, default=30, help="phone-book fine-tune steps (0: none)")
-    parser.add_argument("--finetune-numbers", default="1,2,4", help="question sizes of the fine-tune's phone books")
-    parser.add_argument("--phone-book-numbers", default="1,2,4", help="question sizes of the phone-book lookup")
-    parser.add_argument("--phone-book-entries", type=int, default=6, help="entries per phone book")
-    parser.add_argument("--phone-book-examples", type=int, default=6, help="books per question size")
-    parser.add_argument("--server-url", help="use this running server instead of starting one")
+                        help="rows of each validation batch scored (of batch-size; fewer is faster on a CPU) "
+                             "(default: %(default)s)")
+    parser.add_argument("--finetune-steps", type=int, default=30,
+                        help="phone-book fine-tune steps (0: none) (default: %(default)s)")
+    parser.add_argument("--finetune-numbers", default="1,2,4",
+                        help="question sizes of the fine-tune's phone books (default: %(default)s)")
+    parser.add_argument("--phone-book-numbers", default="1,2,4",
+                        help="question sizes of the phone-book lookup; empty: none (default: %(default)s)")
+    parser.add_argument("--phone-book-entries", type=int, default=6,
+                        help="entries per phone book (default: %(default)s)")
+    parser.add_argument("--phone-book-examples", type=int, default=6,
+                        help="books per question size (default: %(default)s)")
+    parser.add_argument("--server-url", help="use this running server instead of starting one; an API token, if it "
+                                             "wants one, comes from $BIRDIE_API_TOKEN (default: start one)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: one less than the cores)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the model's initialisation, the run's data and the phone books "
+                             "(default: %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -88,7 +88,8 @@ class TrainConfig:
     init_seed: int = field(default=0, metadata={"help": "seed of the model's initialisation"})
     # the server and the run
     server_url: str | None = field(default=None, metadata={
-        "help": "the objective server (default: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000)"})
+        "help": "the objective server (default: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000); an API token, "
+                "if it wants one, comes from $BIRDIE_API_TOKEN"})
     run_name: str = field(default="birdie", metadata={
         "help": "the run to train on (--run-name: a plain --run is ambiguous under torchrun)"})
     create_run: bool = field(default=False, metadata={

@@ -260,6 +260,15 @@ def test_birdie_eval_cli_on_a_checkpoint(server, run_name, tmp_path, capsys):
     assert "no-such-run" in capsys.readouterr().err
 
 
+def test_birdie_eval_help_names_the_servers_url_and_token_variables(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # click wraps lines
+    assert ("--server-url TEXT Objective server (default: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000); an API "
+            "token, if it wants one, comes from $BIRDIE_API_TOKEN.") in text
+
+
 def test_birdie_eval_on_a_file_that_is_not_a_checkpoint_is_one_clear_line(not_checkpoints, capsys):
     for path in not_checkpoints.values():
         with pytest.raises(SystemExit) as exit_info:

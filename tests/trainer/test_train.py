@@ -377,7 +377,9 @@ def test_help_explains_the_flags_and_lists_the_choices(capsys):
                     "--device {auto,cpu,cuda,cuda:N}", "--resume {FILE,auto} continue from a checkpoint file",
                     "examples: birdie-train --run-name demo", "torchrun --nproc_per_node 2 -m trainer.train",
                     "birdie-train --config run.yaml --lr 1e-3",
-                    "--seq-len SEQ_LEN the run's row length in tokens (default: 512); applies when creating a run"):
+                    "--seq-len SEQ_LEN the run's row length in tokens (default: 512); applies when creating a run",
+                    "--server-url SERVER_URL the objective server (default: $BIRDIE_SERVER_URL, else "
+                    "http://127.0.0.1:8000); an API token, if it wants one, comes from $BIRDIE_API_TOKEN"):
         assert meaning in text
     with pytest.raises(SystemExit):
         parse_args(["--model", "mamba"])
@@ -472,6 +474,23 @@ def test_main_job_evaluation_schedule():
     assert evaluation_steps(5, 3) == [5]
     steps = evaluation_steps(1000, 5)
     assert steps[0] == 10 and steps[-1] == 1000 and steps == sorted(set(steps)) and len(steps) == 5
+
+
+def test_main_job_help_explains_every_option_and_its_default(capsys):
+    from trainer.main_job import parse_args as main_job_args
+
+    with pytest.raises(SystemExit):
+        main_job_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for meaning in ("--seq-len SEQ_LEN the run's row length in tokens (default: 256)",
+                    "--batch-size BATCH_SIZE the run's rows per step (default: 8)",
+                    "--d-model D_MODEL Hawk's width (default: 128)",
+                    "--n-layers N_LAYERS number of Hawk blocks (default: 4)", "--lr LR peak learning rate (default: 0.003)",
+                    "--policy POLICY the run's mixture policy: birdie, exp3 or fixed, checked by the server "
+                    "(default: birdie)",
+                    "comes from $BIRDIE_API_TOKEN (default: start one)",
+                    "--seed SEED seed of the model's initialisation, the run's data and the phone books (default: 0)"):
+        assert meaning in text
 
 
 def test_main_job_against_a_server_needs_only_the_trainers_dependencies(server, tmp_path):
