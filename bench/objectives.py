@@ -22,7 +22,6 @@ from rich.table import Table  # noqa: E402
 from objective_server.batching import generate_batch  # noqa: E402
 from objective_server.objectives import parse_objective  # noqa: E402
 from objective_server.objectives.presets import list_presets, preset  # noqa: E402
-from objective_server.special_tokens import SpecialTokens  # noqa: E402
 
 # One representative configuration per objective (lengths are shortened to fit the row).
 OBJECTIVES = {
