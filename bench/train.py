@@ -2,9 +2,12 @@
 scan and with the reference scan, and the share of step time spent waiting for data when the
 batches come from an objective server on loopback.
 
-    python bench/train.py                      # GPU: ~125M-parameter Hawk, L = 2048, B = 8, bf16 autocast
+    python bench/train.py                      # GPU: ~117M-parameter Hawk, L = 2048, B = 8, bf16 autocast
     python bench/train.py --device cpu --vocab-size 8192 --d-model 64 --n-layers 2 --seq-len 256 \
         --batch-size 2 --steps 3 --reference-steps 1 --server-steps 5      # a quick CPU run
+
+The default model is GPT-2-small-sized (d_model 768, 12 blocks, vocabulary 32768; the "125M" of GPT-3's
+and later papers' tables): 117,271,296 parameters in part 1.
 
 Part 1 times full training steps (forward, backward, AdamW) on one fixed packed batch (examples
 of 512 tokens, the first half prefix): `linear_scan` with its automatic backend (CUDA kernels
@@ -15,8 +18,8 @@ tokens/s / peak; the peak is the GPU's dense bf16 peak from its name, or --peak-
 
 Part 2 starts `birdie-server serve` (in-process store, default corpus) on a free loopback port,
 creates a `birdie`-preset run of the same shape and trains through `trainer.train` for a few
-steps (the vocabulary is then the corpus tokenizer's): tokens/s and the data-wait fraction (time blocked on the prefetching batch iterator over
-the whole step time). Prints numbers; asserts nothing.
+steps (the vocabulary is then the corpus tokenizer's): tokens/s and the data-wait fraction (time
+blocked on the prefetching batch iterator over the whole step time). Prints numbers; asserts nothing.
 """
 
 from __future__ import annotations
