@@ -655,6 +655,7 @@ def train(config: TrainConfig) -> TrainResult:
     history: list[dict[str, Any]] = []
     validations: list[dict[str, Any]] = []
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {config.run_name}", dynamic_ncols=True,
                disable=not (config.progress and ddp.is_main), file=sys.stderr)
@@ -662,116 +663,122 @@ def train(config: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     step_started = time.perf_counter()
     last_checkpoint = None
-    try:
-        for step, wire in batches:
-            waited = time.perf_counter() - step_started
-            batch = batch_tensors(wire.arrays, device)
-            labels = batch["label_ids"]
-            batch_names = wire.objectives
-            if batch_names != names:
-                raise ValueError(f"step {step}: the batch names configurations {batch_names[:3]}... but the run has {names[:3]}...")
+    # Log records (validation results, the client's warnings) through tqdm.write: written directly, they
+    # land on the bar's line.
+    with logging_redirect_tqdm(tqdm_class=tqdm):
+        try:
+            for step, wire in batches:
+                waited = time.perf_counter() - step_started
+                batch = batch_tensors(wire.arrays, device)
+                labels = batch["label_ids"]
+                batch_names = wire.objectives
+                if batch_names != names:
+                    raise ValueError(f"step {step}: the batch names configurations {batch_names[:3]}... "
+                                     f"but the run has {names[:3]}...")
 
-            # 4. One step. Loss = sum over every rank's labelled tokens / their total count: DDP
-            # averages gradients over ranks, hence the factor world_size.
-            global_tokens = (labels != IGNORE_INDEX).sum().double()
-            if ddp.enabled:
-                dist.all_reduce(global_tokens)
-            losses = token_losses(forward_logits(train_model, batch), labels)
-            loss = losses.sum() * (ddp.world_size / global_tokens.clamp_min(1.0))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
-            )
-            # Per-configuration sums and counts: this rank's go to the server, all ranks' to the
-            # metrics and to the check below (the same on every rank, so all stop together).
-            sums, counts = per_objective_sums(losses.detach(), labels, batch["objective_ids"], len(names))
-            stats = torch.cat([sums, counts])
-            local = stats.tolist()
-            if ddp.enabled:
-                dist.all_reduce(stats)
-            totals = stats.tolist()
-            total_loss, total_count = sum(totals[: len(names)]), sum(totals[len(names):])
-            if not math.isfinite(total_loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
-                raise FloatingPointError(f"step {step}: the loss or the gradient is not finite; lower the lr or check the data")
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            post = {names[i]: (local[i] / local[len(names) + i], int(local[len(names) + i]))
-                    for i in range(len(names)) if local[len(names) + i] > 0}
-            poster.post(LossPostBody(
-                run=config.run_name, step=step, rank=ddp.rank, world_size=ddp.world_size, split="train",
-                losses={n: m for n, (m, _) in post.items()}, tokens={n: c for n, (_, c) in post.items()},
-            ))
-            step_seconds = time.perf_counter() - step_started
-            tokens = wire.shape[0] * wire.shape[1] * ddp.world_size
-            record = {
-                "step": step,
-                "loss": total_loss / max(total_count, 1.0),
-                "losses": {names[i]: totals[i] / totals[len(names) + i] for i in range(len(names)) if totals[len(names) + i] > 0},
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": tokens / step_seconds,
-                "data_wait": waited / step_seconds,
-                "step_seconds": step_seconds,
-                "mixture_version": wire.header.get("mixture_version"),
-                "batch": batch_digest(wire.arrays["input_ids"]),
-            }
-            history.append(record)
-            metrics.write({"kind": "train", **record})
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            wait=f"{record['data_wait']:.0%}", mix=record["mixture_version"])
-
-            # 5. Evaluation after step + 1 steps.
-            done = step + 1
-            if done in eval_steps:
-                if validation_cache is None:
-                    share = own_share or [names[ddp.rank % len(names)]]
-                    n_batches = int(info.config.get("validation_batches", 1))
-                    validation_cache = fetch_validation_batches(client, config.run_name, share, n_batches)
-                evaluation_started = time.perf_counter()
-                scores = score_batches(model, validation_cache, device, config.validation_rows)
-                poster.post(LossPostBody(
-                    run=config.run_name, step=done, rank=ddp.rank, world_size=ddp.world_size, split="validation",
-                    losses={n: s.loss for n, s in scores.items()}, tokens={n: s.tokens for n, s in scores.items()},
-                ))
-                # Every rank's scores: (loss sum, correct predictions, tokens) per configuration, in the run's order.
-                validation_sums = torch.tensor(
-                    [[s.loss * s.tokens, s.accuracy * s.tokens, s.tokens] if n in own_share and (s := scores.get(n))
-                     else [0.0, 0.0, 0.0] for n in names], dtype=torch.float64, device=device,
-                )
+                # 4. One step. Loss = sum over every rank's labelled tokens / their total count: DDP
+                # averages gradients over ranks, hence the factor world_size.
+                global_tokens = (labels != IGNORE_INDEX).sum().double()
                 if ddp.enabled:
-                    dist.all_reduce(validation_sums)
-                scored = [(n, *sums) for n, sums in zip(names, validation_sums.tolist()) if sums[2] > 0]
-                validation = {"step": done, "losses": {n: loss / count for n, loss, _, count in scored},
-                              "accuracy": {n: right / count for n, _, right, count in scored},
-                              "tokens": {n: int(count) for n, _, _, count in scored},
-                              "seconds": time.perf_counter() - evaluation_started}
-                validation["family_loss"] = family_means(validation["losses"], families)
-                validation["family_accuracy"] = family_means(validation["accuracy"], families)
-                if ddp.is_main:
-                    log.info("validation at step %d: %s", done, ", ".join(
-                        f"{family} {loss:.3f} ({validation['family_accuracy'][family]:.1%})"
-                        for family, loss in validation["family_loss"].items()))
-                validations.append(validation)
-                metrics.write({"kind": "validation", **validation})
+                    dist.all_reduce(global_tokens)
+                losses = token_losses(forward_logits(train_model, batch), labels)
+                loss = losses.sum() * (ddp.world_size / global_tokens.clamp_min(1.0))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                             if config.grad_clip > 0 else None)
+                # Per-configuration sums and counts: this rank's go to the server, all ranks' to the
+                # metrics and to the check below (the same on every rank, so all stop together).
+                sums, counts = per_objective_sums(losses.detach(), labels, batch["objective_ids"], len(names))
+                stats = torch.cat([sums, counts])
+                local = stats.tolist()
+                if ddp.enabled:
+                    dist.all_reduce(stats)
+                totals = stats.tolist()
+                total_loss, total_count = sum(totals[: len(names)]), sum(totals[len(names):])
+                if not math.isfinite(total_loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+                    raise FloatingPointError(f"step {step}: the loss or the gradient is not finite; "
+                                             "lower the lr or check the data")
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                post = {names[i]: (local[i] / local[len(names) + i], int(local[len(names) + i]))
+                        for i in range(len(names)) if local[len(names) + i] > 0}
+                poster.post(LossPostBody(
+                    run=config.run_name, step=step, rank=ddp.rank, world_size=ddp.world_size, split="train",
+                    losses={n: m for n, (m, _) in post.items()}, tokens={n: c for n, (_, c) in post.items()},
+                ))
+                step_seconds = time.perf_counter() - step_started
+                tokens = wire.shape[0] * wire.shape[1] * ddp.world_size
+                record = {
+                    "step": step,
+                    "loss": total_loss / max(total_count, 1.0),
+                    "losses": {names[i]: totals[i] / totals[len(names) + i]
+                               for i in range(len(names)) if totals[len(names) + i] > 0},
+                    "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": tokens / step_seconds,
+                    "data_wait": waited / step_seconds,
+                    "step_seconds": step_seconds,
+                    "mixture_version": wire.header.get("mixture_version"),
+                    "batch": batch_digest(wire.arrays["input_ids"]),
+                }
+                history.append(record)
+                metrics.write({"kind": "train", **record})
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                wait=f"{record['data_wait']:.0%}", mix=record["mixture_version"])
 
-            # 6. Checkpoints (rank 0 writes; every rank holds the same state).
-            if config.checkpoint_dir and ddp.is_main and (
-                done == end_step or (config.checkpoint_interval and done % config.checkpoint_interval == 0)
-            ):
-                last_checkpoint = save_checkpoint(
-                    checkpoint_path(config.checkpoint_dir, done), model=model, model_name=config.model,
-                    optimizer=optimizer, scheduler=scheduler, step=done, config=config, world_size=ddp.world_size,
-                )
-            step_started = time.perf_counter()
-    finally:
-        bar.close()
-        batches.close()
-        undelivered = poster.close(timeout=120)
-        metrics.close()
-        client.close()
+                # 5. Evaluation after step + 1 steps.
+                done = step + 1
+                if done in eval_steps:
+                    if validation_cache is None:
+                        share = own_share or [names[ddp.rank % len(names)]]
+                        n_batches = int(info.config.get("validation_batches", 1))
+                        validation_cache = fetch_validation_batches(client, config.run_name, share, n_batches)
+                    evaluation_started = time.perf_counter()
+                    scores = score_batches(model, validation_cache, device, config.validation_rows)
+                    poster.post(LossPostBody(
+                        run=config.run_name, step=done, rank=ddp.rank, world_size=ddp.world_size, split="validation",
+                        losses={n: s.loss for n, s in scores.items()}, tokens={n: s.tokens for n, s in scores.items()},
+                    ))
+                    # Every rank's scores: (loss sum, correct predictions, tokens) per configuration, in the
+                    # run's order.
+                    validation_sums = torch.tensor(
+                        [[s.loss * s.tokens, s.accuracy * s.tokens, s.tokens] if n in own_share and (s := scores.get(n))
+                         else [0.0, 0.0, 0.0] for n in names], dtype=torch.float64, device=device,
+                    )
+                    if ddp.enabled:
+                        dist.all_reduce(validation_sums)
+                    scored = [(n, *sums) for n, sums in zip(names, validation_sums.tolist()) if sums[2] > 0]
+                    validation = {"step": done, "losses": {n: loss / count for n, loss, _, count in scored},
+                                  "accuracy": {n: right / count for n, _, right, count in scored},
+                                  "tokens": {n: int(count) for n, _, _, count in scored},
+                                  "seconds": time.perf_counter() - evaluation_started}
+                    validation["family_loss"] = family_means(validation["losses"], families)
+                    validation["family_accuracy"] = family_means(validation["accuracy"], families)
+                    if ddp.is_main:
+                        log.info("validation at step %d: %s", done, ", ".join(
+                            f"{family} {loss:.3f} ({validation['family_accuracy'][family]:.1%})"
+                            for family, loss in validation["family_loss"].items()))
+                    validations.append(validation)
+                    metrics.write({"kind": "validation", **validation})
+
+                # 6. Checkpoints (rank 0 writes; every rank holds the same state).
+                if config.checkpoint_dir and ddp.is_main and (
+                    done == end_step or (config.checkpoint_interval and done % config.checkpoint_interval == 0)
+                ):
+                    last_checkpoint = save_checkpoint(
+                        checkpoint_path(config.checkpoint_dir, done), model=model, model_name=config.model,
+                        optimizer=optimizer, scheduler=scheduler, step=done, config=config, world_size=ddp.world_size,
+                    )
+                step_started = time.perf_counter()
+        finally:
+            bar.close()
+            batches.close()
+            undelivered = poster.close(timeout=120)
+            metrics.close()
+            client.close()
     if undelivered:
         log.error("%d loss posts were not delivered (server unreachable?)", len(undelivered))
     for failed in poster.failed:

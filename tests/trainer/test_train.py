@@ -265,6 +265,23 @@ def test_validation_reaches_the_console_and_the_summary(server, client, capsys, 
         f"{family} {last['family_loss'][family]:.3f} ({last['family_accuracy'][family]:.1%})" for family in sorted(FAMILIES))
 
 
+def test_log_lines_start_their_own_line_under_the_progress_bar(server, client, capsys, caplog):
+    create_run(client, "barred", total_steps=2, eval_steps=[1, 2])
+    caplog.set_level(logging.INFO, logger="birdie.train")
+    console = logging.StreamHandler(sys.stderr)  # what main's logging.basicConfig installs
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.root.addHandler(console)
+    try:
+        train(TrainConfig(**{**TINY, "progress": True}, server_url=server.url, run_name="barred"))
+    finally:
+        logging.root.removeHandler(console)
+    err = capsys.readouterr().err
+    assert "train barred:" in err  # the bar was drawn
+    # Written past the bar, a line would follow its text ("... 1/2 [00:00<...]INFO ...").
+    lines = re.findall(r"(?:^|[\r\n])INFO birdie.train: validation at step (\d)", err)
+    assert lines == ["1", "2"] and err.count("validation at step") == 2
+
+
 def test_unknown_run_is_a_clear_error(server):
     from clients import NotFoundError
 
