@@ -173,6 +173,9 @@ async def loss_post_latency(url: str, run: str, names: list[str], posts: int) ->
     losses = {n: 2.0 + i / 100 for i, n in enumerate(names)}
     tokens = {n: 1000 for n in names}
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        # The server takes losses only for steps the run has trained: serve them first (not timed).
+        served = await http.get("/batch", params={"run": run, "step": posts - 1})
+        served.raise_for_status()
         for split in out:
             for step in range(posts):
                 body = {"run": run, "step": step, "split": split, "losses": losses, "tokens": tokens}
