@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from functools import lru_cache
 from typing import Annotated, Literal
 
 import numpy as np
@@ -21,6 +22,7 @@ from objective_server.special_tokens import SpecialTokens
 MIN_PART = 4
 
 
+@lru_cache(maxsize=1 << 16)  # pure, and each configuration asks for the same few thousand lengths
 def split_bounds(n: int, fraction: float) -> tuple[int, int]:
     """Inclusive range of prefix lengths for n tokens (both parts >= MIN_PART when n allows)."""
     # Exact arithmetic on the fraction as written (0.55 is 55/100): in floats n * (f - d) can land
