@@ -120,8 +120,9 @@ class BatchService:
         """Keep every mixture of `timeline` in this process (a mixture never changes): in an outage,
         any address the cached timeline covers can then be served, not only those whose mixture this
         process happened to use before."""
+        missing = [version for version in range(timeline.latest_version + 1) if version not in context.mixtures]
         try:
-            for version in range(timeline.latest_version + 1):
+            for version in missing:  # on the request path: usually none, and then no await at all
                 await self._probabilities(context, version)
         except StoreUnavailable:
             pass  # the request's own mixture is fetched (or found missing) when it is generated
