@@ -84,16 +84,21 @@ class Metrics:
             "birdie_mixture_probability", "Probability of each objective configuration in the latest mixture",
             ["run", "objective"], registry=r, multiprocess_mode="mostrecent",
         )
+        self._shown: dict[str, int] = {}  # run -> the mixture version its gauges show
 
-    def show_mixture(self, context, version: int, probabilities) -> None:
-        """Set the run's mixture gauges to `version` (a RunContext's latest known), unless they show a
-        newer one; every process that learns a mixture sets them, so a restarted server or another
-        replica shows the run's mixture too, not only the process that published it."""
-        if version <= context.gauged_version:
+    def shown_mixture(self, run: str) -> int:
+        """The mixture version the run's birdie_mixture_probability gauges show here (-1: none)."""
+        return self._shown.get(run, -1)
+
+    def show_mixture(self, run: str, names, version: int, probabilities) -> None:
+        """Set the run's mixture gauges to `version`, unless they show a newer one. Every process that
+        learns a run's latest mixture sets them, so a restarted server or another replica shows it
+        too, not only the process that published it."""
+        if version <= self.shown_mixture(run):
             return
-        context.gauged_version = version
-        for name, p in zip(context.names, probabilities):
-            self.mixture.labels(context.name, name).set(p)
+        self._shown[run] = version
+        for name, p in zip(names, probabilities):
+            self.mixture.labels(run, name).set(p)
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()

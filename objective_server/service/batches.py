@@ -133,9 +133,10 @@ class BatchService:
         version = timeline.version_at(step)
         key = _train_key(context, rank, world_size, step, version)
 
-        if version == timeline.latest_version and version > context.gauged_version:
+        if version == timeline.latest_version and version > self.metrics.shown_mixture(context.name):
             try:
-                self.metrics.show_mixture(context, version, await self._probabilities(context, version))
+                probabilities = await self._probabilities(context, version)
+                self.metrics.show_mixture(context.name, context.names, version, probabilities)
             except StoreUnavailable:
                 pass  # the gauges can wait; a cached batch must still be served in an outage
 

@@ -256,7 +256,7 @@ class LossService:
                 mixture_version = outcome.mixture_version
                 context.mixtures[outcome.mixture_version] = probabilities
                 self.metrics.mixture_publishes.labels(context.name).inc()
-                self.metrics.show_mixture(context, outcome.mixture_version, probabilities)
+                self.metrics.show_mixture(context.name, context.names, outcome.mixture_version, probabilities)
                 log.info(
                     "run %s: mixture version %d effective from step %d (after the %s losses of step %d)",
                     context.name, outcome.mixture_version, outcome.effective_step, observation.split, observation.step,

@@ -35,8 +35,6 @@ class RunContext:
     # One policy drain at a time in this process (the store lock orders replicas).
     drain_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_drain_check: float = 0.0
-    # The mixture version this process's birdie_mixture_probability gauges show (-1: none yet).
-    gauged_version: int = -1
     # What this process's drains did with the observations they consumed, newest last: (split, step)
     # -> None (applied) or why not; so a post whose observation another drain here consumed can say.
     outcomes: dict[tuple[str, int], str | None] = field(default_factory=dict)
