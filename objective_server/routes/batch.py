@@ -25,9 +25,10 @@ BATCH_RESPONSES = {
 }
 
 
-def quality(accept: str, media_type: str) -> float:
+def quality(accept: str, media_type: str) -> tuple[float, int]:
     """The q-value an Accept header gives `media_type`: that of its most specific matching range
-    (type/subtype, then type/*, then */*), 0 when none matches (RFC 9110 §12.5.1)."""
+    (type/subtype, then type/*, then */*), 0 when none matches (RFC 9110 §12.5.1); and that range's
+    specificity (2, 1, 0; -1 for none)."""
     best, q = -1, 0.0
     kind = media_type.split("/")[0]
     for item in accept.split(","):
@@ -45,12 +46,13 @@ def quality(accept: str, media_type: str) -> float:
                 except ValueError:
                     value = 0.0
         best, q = specificity, value
-    return q
+    return q, best
 
 
 def negotiate(wire_format: str | None, accept: str, decode: bool) -> Literal["arrow", "json"]:
-    """`format=` wins; decoded text implies JSON; then the Accept header by q-value (Arrow on a tie);
-    Arrow without one; 406 when the header admits neither."""
+    """`format=` wins; decoded text implies JSON; then the Accept header by q-value, a tie going to the
+    type named more specifically (`application/json, */*` is JSON), then to Arrow; Arrow without a
+    header; 406 when the header admits neither."""
     if wire_format == "arrow" and decode:
         raise InvalidRequest("decode=1 adds decoded text to the JSON format: use format=json")
     if wire_format is not None:
@@ -60,9 +62,9 @@ def negotiate(wire_format: str | None, accept: str, decode: bool) -> Literal["ar
     if not accept.strip():
         return "arrow"
     arrow, json = quality(accept, ARROW_MEDIA_TYPE), quality(accept, JSON_MEDIA_TYPE)
-    if arrow == json == 0:
+    if arrow[0] == json[0] == 0:
         raise NotAcceptable(f"batches come as {ARROW_MEDIA_TYPE} or {JSON_MEDIA_TYPE}; Accept: {accept!r} admits neither")
-    return "json" if json > arrow else "arrow"
+    return "json" if json > arrow else "arrow"  # (q, specificity) tuples
 
 
 @router.get("/batch", response_class=Response, responses=BATCH_RESPONSES)

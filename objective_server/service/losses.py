@@ -152,7 +152,7 @@ class LossService:
         except Exception:
             log.exception("run %s: policy update failed; its observations stay pending", context.name)
             return response
-        if completed is not None:
+        if completed is not None and observed:
             # A drain that ran to the end consumed everything pending when it started, ours included
             # (by this drain or by one just before it, in this process or another).
             if result.lock_busy:
@@ -219,18 +219,19 @@ class LossService:
                     break
             observation = batch[-1] if batch[-1].split in policy.observes else None
             version, state = await self.store.policy_state(context.name)
-            decision = Decision(state=state)
-            failure = None
+            decision, probabilities, failure = Decision(state=state), None, None
             if observation is not None:
                 try:
                     decision = await self._update(context, state, observation)
+                    if decision.probabilities is not None:
+                        probabilities = _normalised(decision.probabilities)
                 except Exception as error:  # noqa: BLE001 - any policy failure: consume, keep the state
+                    decision, probabilities = Decision(state=state), None
                     failure = f"the policy failed on it: {type(error).__name__}: {error}"
                     log.exception(
                         "run %s: the policy failed on the %s losses of step %d; consumed with the policy state "
                         "unchanged", context.name, observation.split, observation.step,
                     )
-            probabilities = _normalised(decision.probabilities) if decision.probabilities is not None else None
             try:
                 outcome = await self.store.commit_policy(
                     context.name, version, decision.state, [a.key for a in batch], probabilities,

@@ -91,6 +91,11 @@ def check_servable(config: RunConfig, split_tokens: dict[str, int], max_request_
             f"{config.tokens_per_step} tokens per batch, above this server's limit of "
             f"{max_request_tokens} (BIRDIE_MAX_REQUEST_TOKENS)"
         )
+    check_splits(config, split_tokens)
+
+
+def check_splits(config: RunConfig, split_tokens: dict[str, int]) -> None:
+    """InvalidRequest unless every split of the corpus (`split_tokens`) holds at least one row."""
     for split, n_tokens in split_tokens.items():
         try:
             window_count(n_tokens, config.seq_len, split)
@@ -138,6 +143,9 @@ class RunRegistry:
         stored = await self.store.get_config(run)
         config = RunConfig.model_validate(stored)
         self._check_corpus(config)
+        # A run created elsewhere, or before the check existed (a batch limit above this server's is
+        # the batch route's 413, not a reason to refuse the run).
+        check_splits(config, self.split_tokens)
         context = self._context(config)
         return self._runs.setdefault(run, context)
 

@@ -24,10 +24,13 @@ class RotatingPolicy(Policy):
     name = "rotating"
     observes = ("validation",)
 
-    def __init__(self, config: RunConfig, delay_s: float = 0.0, fail_at: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, config: RunConfig, delay_s: float = 0.0, fail_at: tuple[int, ...] = (), nan_at: tuple[int, ...] = ()
+    ) -> None:
         super().__init__(config)
         self.delay_s = delay_s  # widens the window in which concurrent posts could double-apply
         self.fail_at = tuple(fail_at)  # steps whose observation makes the policy raise
+        self.nan_at = tuple(nan_at)  # steps whose observation makes it propose an invalid mixture
 
     def initial_state(self) -> bytes:
         return json.dumps({"observed": []}).encode()
@@ -38,9 +41,12 @@ class RotatingPolicy(Policy):
             raise RuntimeError(f"no update for step {observation.step} (fail_at)")
         s = json.loads(state)
         s["observed"].append([observation.split, observation.step])
+        probabilities = rotated(len(self.config.arms), len(s["observed"]))
+        if observation.step in self.nan_at:
+            probabilities[0] = float("nan")
         return Decision(
             state=json.dumps(s).encode(),
-            probabilities=rotated(len(self.config.arms), len(s["observed"])),
+            probabilities=probabilities,
             meta={"observations": len(s["observed"])},
         )
 

@@ -52,5 +52,10 @@ async def test_a_split_shorter_than_a_row_is_refused_when_the_run_is_created(cor
     with pytest.raises(InvalidRequest, match=f"validation split holds {too_long - 1} tokens, fewer than seq_len = {too_long}"):
         await here.register(RunConfig(**run_config("long", preset="ntp", seq_len=too_long, batch_size=1)))
     assert await store.list_runs() == []
+    # A run another server stored (or one stored before the check) is refused when loaded, not a 500 later.
+    stored = RunConfig(**run_config("elsewhere", preset="ntp", seq_len=too_long, batch_size=1)).stored()
+    await store.create_run("elsewhere", stored, [1.0], b"{}")
+    with pytest.raises(InvalidRequest, match="fewer than seq_len"):
+        await here.get("elsewhere")
     with pytest.raises(InvalidRequest, match="BIRDIE_MAX_REQUEST_TOKENS"):
         await registry(store, corpus_path, max_request_tokens=100).register(RunConfig(**run_config()))

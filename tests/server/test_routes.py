@@ -67,6 +67,7 @@ async def test_batch_is_arrow_by_default_and_json_on_request_with_identical_arra
         ("application/*;q=0.5, application/json;q=0.9", "application/json"),
         ("*/*;q=0.2, application/vnd.apache.arrow.stream;q=0.2", ARROW_MEDIA_TYPE),  # a tie: Arrow
         ("text/html, */*;q=0.8", ARROW_MEDIA_TYPE),
+        ("application/json, text/plain, */*", "application/json"),  # a browser-style list naming JSON
     ]:
         negotiated = await client.get("/batch", params={"run": "small", "step": 3}, headers={"Accept": accept})
         assert negotiated.status_code == 200 and negotiated.headers["content-type"] == expected, accept
@@ -160,14 +161,15 @@ async def test_mixture_changes_apply_from_the_step_after_the_highest_served(app_
     assert (await batch(client, run="rot", step=4)).headers["x-birdie-mixture-version"] == "1"
 
 
-async def test_a_policy_failure_consumes_that_evaluation_and_later_ones_still_apply(app_client):
+@pytest.mark.parametrize("failure", [{"fail_at": [4]}, {"nan_at": [4]}])  # raises, or proposes NaN
+async def test_a_policy_failure_consumes_that_evaluation_and_later_ones_still_apply(app_client, failure):
     client = await app_client(run_files=[], drain_interval_s=0.01)
-    config = run_config("rot", policy={"name": "rotating", "options": {"fail_at": [4]}})
+    config = run_config("rot", policy={"name": "rotating", "options": failure})
     names = [o["name"] for o in (await client.post("/runs", json=config)).json()["objectives"]]
     await batch(client, run="rot", step=7)
     post = {"run": "rot", "split": "validation", "losses": {names[0]: 2.0}, "tokens": {names[0]: 10}}
     failed = (await client.post("/losses", json={**post, "step": 4})).json()
-    assert failed["completed"] and not failed["policy_updated"] and "RuntimeError" in failed["policy_note"]
+    assert failed["completed"] and not failed["policy_updated"] and "the policy failed on it" in failed["policy_note"]
     applied = (await client.post("/losses", json={**post, "step": 8})).json()
     assert applied["policy_updated"] and applied["policy_note"] is None and applied["mixture_version"] == 1
     mixture = (await client.get("/mixture", params={"run": "rot"})).json()
@@ -211,6 +213,15 @@ async def test_the_retry_of_a_completing_post_whose_answer_was_lost_still_update
     assert retried["status"] == "duplicate"
     mixture = (await client.get("/mixture", params={"run": "rot"})).json()
     assert mixture["version"] == 1 and mixture["meta"]["policy_state"]["observed"] == [["validation", 4]]
+
+
+async def test_a_post_the_policy_does_not_observe_says_nothing_about_the_policy(app_client):
+    client = await app_client(drain_interval_s=0.001)  # a housekeeping drain on every post
+    name = (await client.get("/objectives", params={"run": "small"})).json()[0]["name"]
+    await batch(client, step=0)
+    answer = (await client.post("/losses", json={"run": "small", "step": 0, "losses": {name: 1.0},
+                                                 "tokens": {name: 3}})).json()
+    assert answer["completed"] and not answer["policy_updated"] and answer["policy_note"] is None
 
 
 async def test_losses_are_taken_only_for_steps_the_run_has_trained(app_client):
