@@ -190,7 +190,8 @@ class TrainConfig:
         """The run fields set here that differ from the existing `run`'s (a RunInfo), as flag texts."""
         have = {"preset": run.config.get("preset"), "seq_len": run.config["seq_len"],
                 "batch_size": run.config["batch_size"], "run_seed": run.config["seed"],
-                "policy": run.config["policy"]["name"], "eval_steps": run.eval_steps,
+                # the stored list, not run.eval_steps (the schedule cut at total_steps)
+                "policy": run.config["policy"]["name"], "eval_steps": run.config.get("eval_steps"),
                 "validation_batches": run.config["validation_batches"]}
         return [f"--{name.replace('_', '-')} {value} (the run has {have[name]})"
                 for name in have if (value := getattr(self, name)) is not None and value != have[name]]

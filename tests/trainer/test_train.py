@@ -238,6 +238,9 @@ def test_run_fields_that_differ_from_the_existing_run_are_an_error(server, clien
     result = train(TrainConfig(**base, seq_len=64, batch_size=4, run_seed=3, policy="fixed", eval_steps=[2],
                                validation_batches=1, stop_step=1))
     assert result.end_step == 1
+    # Evaluation steps are compared as the run stores them, not as cut at its total_steps.
+    create_run(client, "cut", total_steps=2, eval_steps=[2, 4])
+    assert train(TrainConfig(**{**base, "run_name": "cut"}, eval_steps=[2, 4], stop_step=1)).end_step == 1
     # From the command line: a clear error, no traceback.
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--server-url", server.url, "--run-name", "shaped", "--seq-len", "128", "--device", "cpu",
