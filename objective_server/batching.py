@@ -30,6 +30,13 @@ from objective_server.packing import Batch, write_example
 from objective_server.rng import key_of, keyed_rng
 from objective_server.special_tokens import SpecialTokens
 
+# The revision of what this module and the objectives generate: bump it with every change that
+# alters the bytes of any batch at an address (tests/test_batching.py pins them). A run records the
+# revision that created it, and a server of another revision refuses it rather than serve other
+# bytes at addresses already served. 1: up to 2026-11-22's session 3. 2: padding input ids 0,
+# exact prefix-LM split bounds, autoencoding+deshuffling always has two pieces to permute.
+GENERATOR_REVISION = 2
+
 # Tries to find a configuration that fits the space left in a row before padding the rest.
 RESAMPLES = 4
 # Rows never hold examples shorter than this (positions); the rest is padding.

@@ -68,6 +68,9 @@ class RunConfig(BaseModel):
     # The fingerprint of the corpus and tokenizer the run reads (`TokenStore.fingerprint`): set by
     # the server that creates the run, so no server on another corpus serves it different bytes.
     corpus: str | None = Field(None, pattern=r"^[0-9a-f]{16}$")
+    # The batch generator revision that created the run (`batching.GENERATOR_REVISION`), set by the
+    # server alongside `corpus`; a run stored without one predates revision 2.
+    generator: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod

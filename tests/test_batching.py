@@ -178,3 +178,42 @@ def test_bad_addresses_are_refused():
     with pytest.raises(ValueError, match="probabilities"):
         generate_batch([ntp], [float("nan")], CORPUS, SPECIAL, seed=0, batch_size=1, seq_len=64,
                        rank=0, world_size=1, step=0)
+
+
+# sha256 (first 16 hex digits) of the batches `pinned_batches` makes, per generator revision: any
+# change to what a batch holds at an address must bump GENERATOR_REVISION (runs record it, and a
+# server of another revision refuses them rather than serve other bytes) and pin the new bytes here.
+PINNED = {
+    2: {"birdie": "0f6c41b9cd2fbe0e", "ul2": "6485a934f6ed0644", "decoder-ul2": "11a43126214c8474",
+        "ntp": "2fb1a88db583a949", "validation": "5e2ebfa86d569d8f", "birdie-short": "005a4be1f70afb99"},
+}
+
+
+def pinned_batches(name: str):
+    corpus = ((np.arange(64 * 512, dtype=np.uint64) * 7919) % 4099 + FIRST_TEXT_ID).astype(np.uint32)
+    # short rows (many short examples and padding), special ids not at 0 (a loaded tokenizer's)
+    seq_len, special = (128, SpecialTokens.from_mapping({t: 500 + i for t, i in SPECIAL.ids.items()})) \
+        if name == "birdie-short" else (512, SPECIAL)
+    arms = preset("birdie" if name in ("validation", "birdie-short") else name, seq_len=seq_len)
+    objectives, probs = [o for o, _ in arms], [p for _, p in arms]
+    if name == "validation":
+        return [validation_batch(objectives[i], i, corpus, special, seed=7, batch_size=4, seq_len=seq_len, index=1)
+                for i in range(0, len(objectives), 5)]
+    return [generate_batch(objectives, probs, corpus, special, seed=7, batch_size=4, seq_len=seq_len, rank=1,
+                           world_size=2, step=step) for step in range(4)]
+
+
+@pytest.mark.parametrize("name", ["birdie", "birdie-short", "ul2", "decoder-ul2", "ntp", "validation"])
+def test_batch_bytes_are_pinned_to_the_generator_revision(name):
+    import hashlib
+
+    from objective_server.batching import GENERATOR_REVISION
+
+    digest = hashlib.sha256()
+    for batch in pinned_batches(name):
+        for array in batch.arrays().values():
+            digest.update(np.ascontiguousarray(array, dtype=np.int32).tobytes())
+    assert digest.hexdigest()[:16] == PINNED[GENERATOR_REVISION][name], (
+        "the bytes of a batch changed: bump GENERATOR_REVISION in objective_server/batching.py and pin the new "
+        f"hashes ({name}: {digest.hexdigest()[:16]})"
+    )

@@ -2,9 +2,10 @@
 
 A run lives in the store (config, timeline, mixtures, policy state); a `RunContext` is this
 process's view of it. Runs created by another worker or replica are loaded from the store on first
-use, so any replica serves any run, provided it serves the corpus the run was created on: a run's
-config records the corpus fingerprint, and a server on another corpus refuses it (409) rather than
-serve different bytes at the same addresses.
+use, so any replica serves any run, provided it generates the run's batches as the server that
+created it did: a run's config records the corpus fingerprint and the batch generator revision, and
+a server on another corpus or revision refuses it (409) rather than serve different bytes at the
+same addresses.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from objective_server.batching import window_count
+from objective_server.batching import GENERATOR_REVISION, window_count
 from objective_server.corpus.store import TokenStore
 from objective_server.policies import Policy, make_policy
 from objective_server.runs import RunConfig
@@ -124,14 +125,25 @@ class RunRegistry:
     def check_servable(self, config: RunConfig) -> None:
         check_servable(config, self.split_tokens, self.max_request_tokens)
 
-    def _check_corpus(self, config: RunConfig) -> None:
-        # A run stored before runs recorded their corpus (corpus None) cannot be checked.
-        if config.corpus is not None and config.corpus != self.corpus_fingerprint:
+    def _check_origin(self, name: str, corpus: str | None, generator: int | None) -> None:
+        """RunConflict unless this server generates a run's batches as the server that created it
+        did: the same corpus and the same generator revision (None: a run created before runs
+        recorded it, revision 1)."""
+        if corpus is not None and corpus != self.corpus_fingerprint:
             raise RunConflict(
-                f"run {config.name!r} reads corpus {config.corpus}, but this server serves corpus "
+                f"run {name!r} reads corpus {corpus}, but this server serves corpus "
                 f"{self.corpus_fingerprint} (BIRDIE_CORPUS): its batches would differ; start the server "
                 "on the run's corpus, or use another run name or store"
             )
+        if (generator or 1) != GENERATOR_REVISION:
+            raise RunConflict(
+                f"run {name!r} was created by batch generator revision {generator or 1}, and this server "
+                f"generates revision {GENERATOR_REVISION}, whose batches differ at the same addresses: serve "
+                "it with the version that created it, or start a new run (another name or store namespace)"
+            )
+
+    def _check_stored(self, name: str, stored: dict) -> None:
+        self._check_origin(name, stored.get("corpus"), stored.get("generator"))
 
     async def get(self, run: str) -> RunContext:
         """The run's context; loaded from the store if another worker or replica created it."""
@@ -141,8 +153,8 @@ class RunRegistry:
         if not is_run_name(run):
             raise UnknownRun(run)
         stored = await self.store.get_config(run)
+        self._check_stored(run, stored)  # before validating it: an older config may not validate now
         config = RunConfig.model_validate(stored)
-        self._check_corpus(config)
         # A run created elsewhere, or before the check existed (a batch limit above this server's is
         # the batch route's 413, not a reason to refuse the run).
         check_splits(config, self.split_tokens)
@@ -155,8 +167,9 @@ class RunRegistry:
         Returns (context, created). `RunConflict` if the stored config differs: a run's batches
         are a function of its config, so changing it under the same name would break replay.
         """
-        self._check_corpus(config)
-        config = config.model_copy(update={"corpus": self.corpus_fingerprint})
+        if config.corpus is not None or config.generator is not None:  # a config that names its origin
+            self._check_origin(config.name, config.corpus or self.corpus_fingerprint, config.generator)
+        config = config.model_copy(update={"corpus": self.corpus_fingerprint, "generator": GENERATOR_REVISION})
         self.check_servable(config)
         context = self._context(config)
         try:
@@ -166,9 +179,7 @@ class RunRegistry:
             created = True
         except RunExists:
             stored = await self.store.get_config(config.name)
-            self._check_corpus(RunConfig.model_validate(stored))
-            if stored.get("corpus") is None:  # stored before runs recorded their corpus
-                stored = {**stored, "corpus": config.corpus}
+            self._check_stored(config.name, stored)
             if stored != config.stored():
                 raise RunConflict(
                     f"run {config.name!r} exists with a different config; a run's config cannot change "

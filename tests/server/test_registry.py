@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from objective_server.batching import GENERATOR_REVISION
 from objective_server.corpus.store import TokenStore
 from objective_server.runs import RunConfig
 from objective_server.service.errors import InvalidRequest, RunConflict
@@ -35,14 +36,21 @@ async def test_a_created_run_records_its_corpus_and_another_corpus_refuses_it(co
         await here.register(RunConfig(**run_config("named", corpus=there.corpus_fingerprint)))
 
 
-async def test_a_run_stored_before_runs_recorded_their_corpus_is_still_served(corpus_path):
+async def test_a_run_of_another_batch_generator_revision_is_refused_not_served_differently(corpus_path):
     store = MemoryRunStore()
-    old = RunConfig(**run_config()).stored()
-    del old["corpus"]
-    await store.create_run("small", old, RunConfig(**run_config()).initial_probabilities, b"{}")
-    context, created = await registry(store, corpus_path).register(RunConfig(**run_config()))
-    assert not created and context.config.name == "small"
-    assert (await registry(store, corpus_path).get("small")).config.corpus is None
+    here = registry(store, corpus_path)
+    current = RunConfig(**run_config()).stored()
+    older = {k: v for k, v in current.items() if k not in ("corpus", "generator")}  # stored by revision 1
+    await store.create_run("small", older, RunConfig(**run_config()).initial_probabilities, b"{}")
+    for attempt in (here.get("small"), here.register(RunConfig(**run_config()))):
+        with pytest.raises(RunConflict, match=rf"revision 1, and this server generates revision {GENERATOR_REVISION}"):
+            await attempt
+    newer = {**current, "name": "newer", "corpus": here.corpus_fingerprint, "generator": GENERATOR_REVISION + 1}
+    await store.create_run("newer", newer, [1.0 / len(newer["arms"])] * len(newer["arms"]), b"{}")
+    with pytest.raises(RunConflict, match=f"revision {GENERATOR_REVISION + 1}"):
+        await here.get("newer")
+    context, created = await here.register(RunConfig(**run_config("fresh")))
+    assert created and context.config.generator == GENERATOR_REVISION
 
 
 async def test_a_split_shorter_than_a_row_is_refused_when_the_run_is_created(corpus_path):
@@ -54,6 +62,7 @@ async def test_a_split_shorter_than_a_row_is_refused_when_the_run_is_created(cor
     assert await store.list_runs() == []
     # A run another server stored (or one stored before the check) is refused when loaded, not a 500 later.
     stored = RunConfig(**run_config("elsewhere", preset="ntp", seq_len=too_long, batch_size=1)).stored()
+    stored.update(corpus=here.corpus_fingerprint, generator=GENERATOR_REVISION)
     await store.create_run("elsewhere", stored, [1.0], b"{}")
     with pytest.raises(InvalidRequest, match="fewer than seq_len"):
         await here.get("elsewhere")
