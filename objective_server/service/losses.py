@@ -52,7 +52,6 @@ NO_WAIT_S = 0.01
 
 @dataclass(frozen=True)
 class DrainResult:
-    consumed: tuple[tuple[str, int], ...] = ()  # (split, step) keys this drain committed
     mixture_version: int | None = None  # the last mixture it published, if any
     lock_busy: bool = False  # another drain held the lock for longer than we waited
 
@@ -204,13 +203,12 @@ class LossService:
 
     async def _drain_locked(self, context: RunContext) -> DrainResult:
         policy = context.policy
-        consumed: list[tuple[str, int]] = []
         mixture_version = None
         conflicts = 0
         while True:
             pending = await self.store.pending(context.name)
             if not pending:
-                return DrainResult(tuple(consumed), mixture_version)
+                return DrainResult(mixture_version=mixture_version)
             # Observations the policy does not want are consumed along with the next one it does.
             batch: list[Aggregate] = []
             for aggregate in pending:
@@ -245,7 +243,6 @@ class LossService:
                 if conflicts > 10:
                     raise LockNotAcquired(f"run {context.name!r}: policy state kept changing under the lock")
                 continue
-            consumed += [a.key for a in batch]
             if failure is not None:
                 context.record_outcome(observation.key, failure)
                 self.metrics.policy_failures.labels(context.name, observation.split).inc()
