@@ -267,7 +267,8 @@ class BirdiePolicy(Policy):
         for name, value in observation.losses.items():
             if not math.isfinite(value):
                 raise ValueError(f"loss of {name!r} is not finite: {value!r}")
-        # A configuration without validation tokens keeps its last loss (reward 0 for it).
+        # A configuration without validation tokens keeps its last loss (reward 0 for it, and for the
+        # next evaluation's change from this unmeasured loss: see update).
         fill = float(np.mean(present))
         imputed = [n for n in self.names if n not in observation.losses]
         losses = [
@@ -292,7 +293,11 @@ class BirdiePolicy(Policy):
         previous = header["losses"][-1] if header["losses"] else None
         losses, imputed = self._loss_vector(observation, previous)
         if previous is not None:  # completes the row [previous losses, action since] -> rewards
-            header["rewards"].append(loss_reward(previous, losses).tolist())
+            # A loss imputed at the previous evaluation was not measured: no old -> new change to
+            # reward there (NaN -> 0), rather than one against another configuration's or a stale loss.
+            unmeasured = set(header["imputed"])
+            old = [math.nan if n in unmeasured else v for n, v in zip(self.names, previous)]
+            header["rewards"].append(loss_reward(old, losses).tolist())
         header["steps"].append(step)
         header["losses"].append(losses)
         header["imputed"] = imputed

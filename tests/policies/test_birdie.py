@@ -375,6 +375,46 @@ def test_a_configuration_without_validation_tokens_keeps_its_last_loss() -> None
     assert described["imputed_losses"] == [NAMES[0]]
 
 
+def test_no_reward_from_a_loss_that_was_not_measured() -> None:
+    """A reward is the change between two measured losses: when the old one was imputed (the mean
+    of the other configurations at the first evaluation, or a stale carried-over loss), there is no
+    old -> new change to reward (as NaN -> 0), not a spurious +-1 from another configuration's level."""
+    config = run_config("birdie", FAST, **SHORT)
+    policy = BirdiePolicy(config, **FAST)
+    rest = {n: 5.0 for n in NAMES[1:]}
+    state = policy.update(policy.initial_state(), validation(10, rest)).state  # NAMES[0] imputed as 5.0
+    state = policy.update(state, validation(50, {**rest, NAMES[0]: 0.5})).state
+    assert policy.describe(state)["rewards"][NAMES[0]] == 0.0
+    state = policy.update(state, validation(100, {n: 4.0 for n in NAMES[1:]})).state  # carried over: 0.5
+    state = policy.update(state, validation(150, {**rest, NAMES[0]: 0.4})).state
+    rewards = policy.describe(state)["rewards"]
+    assert rewards[NAMES[0]] == 0.0 and rewards[NAMES[1]] < -0.9  # the measured ones still count
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["copying.len64"], ["copying.len64", "next_token.len2047"], ["copying.len64", "copying.len256", "next_token.len2047"]],
+)
+def test_one_configuration_single_configuration_families_zero_and_identical_losses(names: list[str]) -> None:
+    """K = 1, families of one configuration, losses at 0 and unchanged (d = 0): every update gives a
+    finite mixture, exploring or chosen."""
+    options = {**FAST, "candidates": 32, "train_steps": 3, "control_step": 0}
+    config = RunConfig(name="edge", arms=[{"objective": n, "probability": 1.0} for n in names],
+                       total_steps=400, policy={"name": "birdie", "options": options})
+    policy = BirdiePolicy(config, **options)
+    state, explored = policy.initial_state(), set()
+    for step, loss in ((10, 0.0), (50, 0.0), (100, 3.0), (150, 3.0), (200, 0.0), (250, 2.0), (300, 2.0)):
+        decision = policy.update(state, validation(step, {n: loss for n in names}))
+        state = decision.state
+        if step > 10:
+            p = np.array(decision.probabilities)
+            assert p.shape == (len(names),) and np.isfinite(p).all() and p.min() >= 0
+            assert p.sum() == pytest.approx(1.0)
+            explored.add(decision.meta["explored"])
+    assert explored == {True, False}
+    assert all(r == 0.0 for r in policy.describe(state)["rewards"].values())  # 2.0 -> 2.0
+
+
 def test_bad_input_is_rejected_with_a_clear_error_and_late_evaluations_ignored() -> None:
     config = run_config("birdie", FAST, **SHORT)
     policy = BirdiePolicy(config, **FAST)
