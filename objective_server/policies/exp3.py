@@ -11,10 +11,10 @@ EXP3 with smoothed, importance-weighted rewards:
 
 The reward is either the round's mean training loss of the arm (`reward="loss"`, ODM's choice:
 high loss = much left to learn) or its learning progress, the relative fall of that mean since the
-arm's previous round in per mille (`reward="progress"`, the default). Progress is scale-free: the
-Birdie objectives have very different loss levels (copying tends to ~0, next-token prediction
-stays near 3), and a raw-loss reward would keep favouring an arm whose loss is high but no longer
-falls.
+arm's previous round in per mille, 1000 (previous - mean) / max(previous, 1e-8) (`reward="progress"`,
+the default). Progress is scale-free: the Birdie objectives have very different loss levels
+(copying tends to ~0, next-token prediction stays near 3), and a raw-loss reward would keep
+favouring an arm whose loss is high but no longer falls.
 
 Deterministic (no randomness at all); the state is JSON in the state bytes.
 """
@@ -125,7 +125,8 @@ class Exp3Policy(Policy):
             if self.options.reward == "loss":
                 raw = mean
             elif previous is not None and previous > 0:
-                raw = 1000.0 * (previous - mean) / previous
+                # The floor keeps a rise from a near-zero loss finite (from 1e-310, plain division overflows).
+                raw = 1000.0 * (previous - mean) / max(previous, 1e-8)
             else:
                 raw = None  # progress needs two rounds with tokens
             s["previous_means"][i] = mean

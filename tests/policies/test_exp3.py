@@ -113,6 +113,23 @@ def test_an_arm_without_tokens_keeps_its_estimate() -> None:
     assert NAMES[0] not in after["rewards"] and NAMES[1] in after["rewards"]
 
 
+@pytest.mark.parametrize("reward", ["progress", "loss"])
+def test_extreme_losses_keep_rewards_and_probabilities_finite(reward: str) -> None:
+    """Any loss a post may carry (0 to 1e6, tiny ones included): a rise from a near-zero loss is a
+    huge relative change, but must stay a number (JSON refuses inf, and the run's updates would
+    fail forever)."""
+    config = run_config("exp3", {"update_every": 1, "reward": reward})
+    policy = Exp3Policy(config, update_every=1, reward=reward)
+    state = policy.initial_state()
+    for step, losses in enumerate(([1e-310, 0.0, 1e6], [1e6, 1e-310, 0.0], [1.0, 1e6, 5e-324], [0.0, 1e-300, 1e6])):
+        decision = policy.update(state, train(step, dict(zip(NAMES, losses)), tokens=2**40))
+        state = decision.state
+        probabilities = np.array(decision.probabilities)
+        assert np.isfinite(probabilities).all() and probabilities.sum() == pytest.approx(1.0)
+        assert probabilities.min() >= exploration(step + 2, len(NAMES)) - 1e-12
+    assert all(math.isfinite(e) for e in policy.describe(state)["estimates"].values())
+
+
 def test_describe_has_the_mixture_fields_at_the_top_level() -> None:
     config = run_config("exp3", {"update_every": 2})
     policy = make_policy(config)
