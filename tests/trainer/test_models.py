@@ -281,17 +281,23 @@ def _expected_changes(arrays, row, position, bidirectional):
     return same if (bidirectional and in_prefix) else same & later
 
 
+# Examples shorter than the conv (a tap of width 4 would reach two examples back), one-token
+# prefixes (a reverse scan of length 1) and a row without padding.
+SHORT_LAYOUT = [[(1, 1), (1, 2), (2, 1), (1, 1), (3, 2)], [(2, 2), (1, 3), (4, 1), (1, 2)]]
+
+
+@pytest.mark.parametrize("layout,seq_len", [(LAYOUT, SEQ_LEN), (SHORT_LAYOUT, 16)], ids=["layout", "short"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("name", [c[0] for c in MODEL_CASES])
-def test_every_perturbation_moves_exactly_the_allowed_outputs(name, bidirectional):
+def test_every_perturbation_moves_exactly_the_allowed_outputs(name, bidirectional, layout, seq_len):
     """Changing any token moves the outputs of its own example that may read it, and nothing
     else: suffix outputs never see later tokens, prefix outputs do see later prefix tokens
     (bidirectional models), and no example sees another, through any layer or the conv."""
     model = make_model(name, bidirectional)
-    arrays = tensors(packed_batch())
+    arrays = tensors(packed_batch(layout=layout, seq_len=seq_len))
     with torch.no_grad():
-        for row in range(2):
-            for position in range(SEQ_LEN):
+        for row in range(len(layout)):
+            for position in range(seq_len):
                 changed = _changed_positions(model, arrays, row, position)
                 expected = _expected_changes(arrays, row, position, bidirectional)
                 assert torch.equal(changed, expected), (row, position, changed.nonzero().tolist())
@@ -319,6 +325,27 @@ def test_perturbation_test_catches_a_conv_that_crosses_examples(monkeypatch):
     with torch.no_grad():
         changed = _changed_positions(model, arrays, row=0, position=10)
     assert changed[0, 11], "a leaking conv must show up as a change in the next example"
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("name", RECURRENT)
+def test_only_every_other_layer_reads_later_prefix_tokens(name, bidirectional):
+    """Birdie §5: in a bidirectional model layers 0, 2, ... read the prefix both ways and layers
+    1, 3, ... stay causal; a causal model has no bidirectional layer."""
+    model = make_model(name, bidirectional, n_layers=4)
+    masks = sequence_masks(torch.tensor([[1, 1, 1, 1, 3, 3]]), None)
+    x = torch.randn(1, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    moved = x.clone()
+    moved[0, 3] += 1.0  # the last prefix position
+    with torch.no_grad():
+        for index, block in enumerate(model.blocks):
+            delta = (block.mixer(moved, masks) - block.mixer(x, masks)).abs().amax(dim=-1)[0]
+            reads_later = delta[:3] > 1e-12
+            if bidirectional and index % 2 == 0:
+                assert reads_later.all(), (index, delta)
+            else:
+                assert not reads_later.any(), (index, delta)
+            assert not delta[4:].eq(0).any(), (index, delta)  # the suffix follows the prefix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +496,32 @@ def test_gradients_reach_every_parameter_and_the_loss_falls(name):
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(VOCAB), rel=0.1)
     assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+@pytest.mark.parametrize("saturated", ["a_is_1", "a_is_0"])
+@pytest.mark.parametrize("name", RECURRENT)
+def test_gradients_stay_finite_where_the_gates_saturate(name, saturated):
+    """float32, every gate pushed to where sigmoid returns exactly 0 or 1: Hawk's a = 1 exactly
+    (r = 0) puts sqrt(1 - a^2) at 0, whose derivative is infinite; a = 0 is the segment cut's
+    value everywhere. No gradient may be NaN or infinite."""
+    model = make_model(name, True, dtype=torch.float32).train()
+    with torch.no_grad():
+        for block in model.blocks:
+            if name == "hawk":
+                lru = block.mixer.rg_lru
+                if saturated == "a_is_1":
+                    lru.gates.bias[: lru.width] = -200.0  # r = 0: a = sigmoid(Lambda)^0 = 1
+                else:
+                    lru.decay.fill_(-200.0)  # sigmoid(Lambda) = 0
+            else:
+                layer = block.mixer
+                layer.gates.bias[layer.width :] = 200.0 if saturated == "a_is_1" else -200.0  # f = 1 or 0
+    arrays = tensors(packed_batch())
+    loss = lm_loss(run(model, arrays), arrays["label_ids"])
+    loss.backward()
+    assert torch.isfinite(loss)
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
 
 
 def test_loss_ignores_unlabelled_positions():
