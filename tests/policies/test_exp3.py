@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from objective_server.policies import make_policy
 from objective_server.policies.exp3 import Exp3Policy, exploration, mixture
+from objective_server.runs import RunConfig
 from objective_server.store.protocol import Aggregate
 
 from .simulation import NAMES, PAYING, SATURATING, LossDynamics, run_config, simulate_training
@@ -111,6 +112,24 @@ def test_an_arm_without_tokens_keeps_its_estimate() -> None:
     assert after["estimates"][NAMES[0]] == before[NAMES[0]]
     assert after["estimates"][NAMES[1]] > before[NAMES[1]]
     assert NAMES[0] not in after["rewards"] and NAMES[1] in after["rewards"]
+
+
+def test_rewards_are_importance_weighted_by_the_rounds_probabilities() -> None:
+    """The same raw reward earns an arm played at probability p a reward of raw / p (here the
+    initial mixture's); a round in which no arm had tokens changes no estimate."""
+    weights = [4.0, 2.0, 1.0, 1.0, 1.0, 1.0]
+    options = {"update_every": 1, "reward": "loss"}
+    config = RunConfig(name="sim", arms=[{"objective": n, "probability": w} for n, w in zip(NAMES, weights)],
+                       policy={"name": "exp3", "options": options})
+    policy = Exp3Policy(config, **options)
+    state = policy.update(policy.initial_state(), train(0, {n: 4.0 for n in NAMES})).state
+    described = policy.describe(state)
+    for name, p in zip(NAMES, config.initial_probabilities):
+        assert described["rewards"][name] == pytest.approx(4.0 / p)
+        assert described["estimates"][name] == pytest.approx(0.1 * 4.0 / p)
+    decision = policy.update(state, Aggregate("train", 1, 1, {}, {n: 0 for n in NAMES}))
+    assert policy.describe(decision.state)["estimates"] == described["estimates"]
+    assert np.isfinite(decision.probabilities).all() and sum(decision.probabilities) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("reward", ["progress", "loss"])
