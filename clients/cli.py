@@ -93,6 +93,10 @@ def mixture(client: BirdieClient, run: str, as_json: bool, plot_path: str | None
             written = plot_history(client.mixture_history(run), plot_path)
         except ImportError as e:  # matplotlib is imported on use
             raise click.ClickException(f"--plot needs matplotlib ({e})") from None
+        except OSError as e:  # a missing folder, no permission
+            raise click.ClickException(f"cannot write {plot_path}: {e.strerror or e}") from None
+        except ValueError as e:  # an extension matplotlib has no writer for
+            raise click.ClickException(f"cannot write {plot_path}: {e}") from None
         click.echo(f"wrote {written}", err=True)
     m = client.mixture(run)
     if as_json:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from clients.cli import main
-from fake_birdie_server import OBJECTIVES, RUN, FakeBirdieServer, Fault, batch_arrays
+from fake_birdie_server import FAMILIES, OBJECTIVES, RUN, FakeBirdieServer, Fault, batch_arrays
 
 
 @pytest.fixture
@@ -129,3 +129,18 @@ def test_token_from_the_environment() -> None:
 def test_bad_url_is_a_usage_error() -> None:
     result = CliRunner().invoke(main, ["--url", "localhost:1", "runs"])
     assert result.exit_code == 2 and "http://" in result.output
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing/mixture.png", "No such file or directory"),
+    ("mixture.txt", "Format 'txt' is not supported"),
+])
+def test_a_plot_that_cannot_be_written_is_one_line(birdie, server: FakeBirdieServer, tmp_path, name: str,
+                                                  message: str) -> None:
+    history = server.history
+    server.history = lambda run: {**history(run), "families": FAMILIES}  # what the real server sends
+    path = tmp_path / name
+    result = birdie("mixture", RUN, "--plot", str(path))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write {path}: ") and message in lines[0]
