@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import click
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
+from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
@@ -28,6 +30,12 @@ from clients.wire import WireBatch, encode_json
 
 # Label positions that carry no loss (the prefix and padding), as packed by the server.
 IGNORE_INDEX = -100
+
+# Special tokens in decoded text: paradigm tokens and markers ("[COPY]", "[EOD]", "[SEP]") and the
+# span-corruption sentinels ("[m0]", "[m17]"), styled so that they stand out from the text on a
+# terminal (piped output stays plain text).
+SENTINEL_PATTERN = r"\[m\d+\]"
+SPECIAL_PATTERN = r"\[[A-Z][A-Z_]*\]"
 
 
 class BirdieGroup(click.Group):
@@ -109,6 +117,7 @@ def mixture(client: BirdieClient, run: str, as_json: bool, plot_path: str | None
         + ("" if m.exploration is None else f"  exploration {m.exploration:.3f}")
     )
     table = Table("configuration", "probability", "last loss", "reward")
+    table.columns[0].no_wrap = True  # names differ only at their end: never cut them
     for name, p in m.probabilities.items():
         table.add_row(Text(name), f"{p:.4f}", fmt_number(m.last_losses.get(name)), fmt_number(m.rewards.get(name)))
     out.print(table)
@@ -135,7 +144,7 @@ def runs(client: BirdieClient, name: str | None, as_json: bool) -> None:
             f"vocab {info.vocab_size}"
         )
         out.print(f"eval steps: {', '.join(map(str, info.eval_steps)) or '-'}")
-        out.print(Text("special tokens: " + ", ".join(f"{k}={v}" for k, v in info.special_tokens.items())))
+        out.print(Text("special tokens: " + special_tokens_line(info.special_tokens)))
         config = {k: v for k, v in info.config.items() if k != "arms"}
         out.print(Text("config: " + json.dumps(config, sort_keys=True)))
         out.print(objectives_table(info.objectives))
@@ -145,6 +154,7 @@ def runs(client: BirdieClient, name: str | None, as_json: bool) -> None:
         echo_json([s.model_dump(mode="json") for s in summaries])
         return
     table = Table("run", "policy", "objectives", "seq_len", "batch", "mixture version", "max served")
+    table.columns[0].no_wrap = True
     for s in summaries:
         table.add_row(Text(s.name), Text(s.policy), str(s.objectives), str(s.seq_len), str(s.batch_size), str(s.mixture_version), str(s.max_served))
     console().print(table)
@@ -153,10 +163,35 @@ def runs(client: BirdieClient, name: str | None, as_json: bool) -> None:
             console().print(Text(f"{s.name}: not served here: {s.unservable}"))
 
 
+def special_tokens_line(tokens: dict[str, int]) -> str:
+    """`[PAD]=0, [EOD]=1, ..., [m0]..[m255]=18..273`: consecutive sentinels as one range."""
+    parts: list[str] = []
+    items = list(tokens.items())
+    i = 0
+    while i < len(items):
+        name, value = items[i]
+        j = i
+        if re.fullmatch(SENTINEL_PATTERN, name):
+            first = int(name[2:-1])
+            while (j + 1 < len(items) and items[j + 1][0] == f"[m{first + j + 1 - i}]"
+                   and items[j + 1][1] == value + j + 1 - i):
+                j += 1
+        if j - i >= 2:
+            parts.append(f"{name}..{items[j][0]}={value}..{items[j][1]}")
+        else:
+            parts.extend(f"{k}={v}" for k, v in items[i:j + 1])
+        i = j + 1
+    return ", ".join(parts)
+
+
 def objectives_table(objectives: list) -> Table:
-    table = Table("configuration", "family", "parameters")
+    """Name and parameters; the family is the name's first part (--json has it as a field)."""
+    table = Table("configuration", "parameters")
+    table.columns[0].no_wrap = True  # names differ only at their end: never cut them
+    table.columns[1].overflow = "fold"  # a narrow column wraps parameters instead of cutting them
     for o in objectives:
-        table.add_row(Text(o.name), Text(o.family), Text(json.dumps(o.params, sort_keys=True)))
+        params = "  ".join(f"{k}={v}" for k, v in sorted(o.params.items()) if k != "family")
+        table.add_row(Text(o.name), Text(params))
     return table
 
 
@@ -176,11 +211,16 @@ def objectives(client: BirdieClient, run: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("run")
 @click.option("--step", type=click.IntRange(min=0), default=None, help="Training step (required unless --objective).")
-@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The trainer rank whose share of the step to fetch.")
+@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many ranks the step is split among.")
 @click.option("--objective", default=None, help="A validation batch of this configuration instead.")
 @click.option("--index", type=click.IntRange(min=0), default=0, show_default=True, help="Which validation batch.")
-@click.option("--decode", is_flag=True, help="Show every packed example decoded to text.")
+@click.option("--decode", is_flag=True, help="Show every packed example decoded to text: its input (the "
+              "bidirectional prefix) and its label (the causal suffix).")
+@click.option("--max-chars", type=click.IntRange(min=0), default=800, show_default=True,
+              help="With --decode: shorten longer texts to their start and end (0: never; --json: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print the batch as JSON (arrays as lists).")
 @click.option(
     "--serve", is_flag=True,
@@ -197,6 +237,7 @@ def batch(
     objective: str | None,
     index: int,
     decode: bool,
+    max_chars: int,
     as_json: bool,
     serve: bool,
 ) -> None:
@@ -205,6 +246,10 @@ def batch(
     A training batch is previewed unless --serve is given: looking at step 9000 of a run at step 10
     must not push the run's next mixture past step 9000. A previewed step beyond the highest served
     is provisional: a mixture published before the trainers reach it changes it.
+
+    With --decode, each example is its input panel then its label panel. On a terminal, special
+    tokens stand out: paradigm tokens and markers ([R], [COPY], [SEP], [EOD]) in yellow, span
+    sentinels ([m0], [m1], ...) in magenta (text that spells one, like "[X]", is coloured too).
     """
     if step is None and objective is None:
         raise click.UsageError("give --step N for a training batch or --objective NAME for a validation batch")
@@ -226,22 +271,44 @@ def batch(
         return
     out = console()
     out.print(batch_summary(wire))
-    if examples is not None:
-        table = Table("row", "offset", "objective", "input", "label", show_lines=True)
-        for e in examples:
-            # Text, not markup: decoded text is full of bracketed special tokens like [COPY].
-            table.add_row(str(e.get("row")), str(e.get("offset")), Text(str(e.get("objective"))), Text(e.get("input", "")), Text(e.get("label", "")))
-        out.print(table)
+    for e in examples or ():
+        out.print(Text(f"row {e.get('row')}, offset {e.get('offset')}: {e.get('objective')}", style="bold"))
+        out.print(Panel(decoded_text(e.get("input", ""), max_chars), border_style="cyan", title_align="left",
+                        title=f"input, read bidirectionally ({tokens(e.get('input_tokens'))})"))
+        out.print(Panel(decoded_text(e.get("label", ""), max_chars), border_style="green", title_align="left",
+                        title=f"label, generated causally ({tokens(e.get('label_tokens'))})"))
+
+
+def tokens(count: int | None) -> str:
+    return "? tokens" if count is None else f"{count} token{'' if count == 1 else 's'}"
+
+
+def decoded_text(text: str, max_chars: int) -> Text:
+    """Decoded text as a rich Text (not markup: "[COPY]" is a token), special tokens styled, the
+    middle of a text longer than max_chars (0: no limit) left out and said so."""
+    if max_chars and len(text) > max_chars:
+        half = max_chars // 2
+        out = Text(text[:half])
+        out.append(f" … {len(text) - 2 * half:,} characters not shown … ", style="dim italic")
+        out.append(text[-half:])
+    else:
+        out = Text(text)
+    out.highlight_regex(SPECIAL_PATTERN, "bold yellow")
+    out.highlight_regex(SENTINEL_PATTERN, "bold magenta")
+    return out
 
 
 def batch_summary(wire: WireBatch) -> Table:
     """Header fields, then positions and loss-bearing tokens per objective configuration."""
     h = wire.header
     rows, length = wire.shape
-    title = (
-        f"{h.get('run')} {h.get('split', 'train')} step {h.get('step')} rank {h.get('rank')}/{h.get('world_size')} "
-        f"mixture v{h.get('mixture_version')}  {rows}x{length}"
-    )
+    if h.get("split") == "validation":
+        title = f"{h.get('run')} validation batch {h.get('index')} of {h.get('objective')}  {rows}x{length}"
+    else:
+        title = (
+            f"{h.get('run')} {h.get('split', 'train')} step {h.get('step')} rank {h.get('rank')}/{h.get('world_size')} "
+            f"mixture v{h.get('mixture_version')}  {rows}x{length}"
+        )
     if h.get("fill_rate") is not None:
         title += f"  fill {h['fill_rate']:.1%}"
     if h.get("provisional"):

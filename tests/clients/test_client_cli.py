@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import click
+import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from clients.cli import main
 from fake_birdie_server import FAMILIES, OBJECTIVES, RUN, FakeBirdieServer, Fault, batch_arrays
@@ -27,6 +31,13 @@ def test_help_lists_the_commands() -> None:
     assert result.exit_code == 0
     for command in ("mixture", "runs", "objectives", "batch", "BIRDIE_SERVER_URL"):
         assert command in result.output
+
+
+def test_every_option_says_what_it_does() -> None:
+    for command in [main, *main.commands.values()]:
+        for param in command.params:
+            if isinstance(param, click.Option) and "--help" not in param.opts:
+                assert param.help, f"{command.name} {param.opts[0]} has no help text"
 
 
 def test_runs_table_and_json(birdie, server: FakeBirdieServer) -> None:
@@ -144,3 +155,72 @@ def test_a_plot_that_cannot_be_written_is_one_line(birdie, server: FakeBirdieSer
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write {path}: ") and message in lines[0]
+
+
+def test_batch_decode_shows_each_example_in_panels(birdie, server: FakeBirdieServer) -> None:
+    # At the default 80 columns: the objective is named in full above its input and label.
+    result = birdie("batch", RUN, "--step", "0", "--decode", env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    arrays = batch_arrays(0, 0, 1, "train", 0, server.shape)
+    for row in range(server.shape[0]):
+        assert f"row {row}, offset 0: {OBJECTIVES[int(arrays['objective_ids'][row, 0])]}" in result.output
+    assert "input, read bidirectionally (1 token)" in result.output and "label, generated causally (1 token)" in result.output
+    # Special tokens stand out on a terminal: paradigm tokens and markers yellow, sentinels magenta.
+    colour = birdie("batch", RUN, "--step", "0", "--decode", env={"FORCE_COLOR": "1"})
+    assert "\x1b[1;33m[COPY]\x1b[0m" in colour.output and "\x1b[1;33m[DONE]\x1b[0m" in colour.output
+    # Long texts keep their start and end; the cut is said in words, not in brackets like a token.
+    short = birdie("batch", RUN, "--step", "0", "--decode", "--max-chars", "10", env={"COLUMNS": "200"})
+    assert "[COPY … 16 characters not shown … row 0" in short.output
+
+
+def test_decoded_text_styles_sentinels() -> None:
+    from clients.cli import decoded_text
+
+    text = decoded_text("[R] a[m0] b[m12]c", 0)
+    styles = {text.plain[s.start:s.end]: str(s.style) for s in text.spans}
+    assert styles == {"[R]": "bold yellow", "[m0]": "bold magenta", "[m12]": "bold magenta"}
+
+
+def test_validation_batch_title_names_its_objective() -> None:
+    from clients.cli import batch_summary
+    from clients.wire import WireBatch
+
+    arrays = batch_arrays(0, 0, 1, "validation", 3, (2, 16))
+    header = {"run": RUN, "split": "validation", "objective": "copying.len64", "index": 1, "step": None,
+              "rank": None, "world_size": None, "mixture_version": None, "objectives": list(OBJECTIVES)}
+    out = Console(width=120, file=io.StringIO())
+    out.print(batch_summary(WireBatch(arrays, header)))
+    title = out.file.getvalue().splitlines()[0]
+    assert f"{RUN} validation batch 1 of copying.len64  2x16" in title and "None" not in title
+
+
+LONG_NAMES = [f"infilling.span{s}.mask{m}.len{n}" for s in (3, 32) for m in (5, 50) for n in (512, 1024)]
+
+
+def test_tables_never_cut_configuration_or_run_names(birdie, server: FakeBirdieServer) -> None:
+    from clients.cli import objectives_table
+    from clients.models import ObjectiveInfo
+
+    objectives = [ObjectiveInfo(name=f"autoencoding.deshuffle.{n}", family="autoencoding",
+                                params={"family": "autoencoding", "length": 1024, "mean_span": 32.0, "rate": 0.85})
+                  for n in LONG_NAMES]
+    out = Console(width=80, file=io.StringIO())
+    out.print(objectives_table(objectives))
+    text = out.file.getvalue()
+    assert all(o.name in text for o in objectives)
+    assert all(part in text for part in ("length=1024", "mean_span=32.0", "rate=0.85"))
+    assert "family=" not in text and "…" not in text  # the family is the name's first part
+    # A run name at 80 columns, beside the six other columns.
+    long_run = "decoder-ul2-ablation-seed-1"
+    httpx.post(f"{server.url}/runs", json={"name": long_run}).raise_for_status()
+    result = birdie("runs", env={"COLUMNS": "80"})
+    assert result.exit_code == 0 and long_run in result.output
+
+
+def test_special_tokens_line_folds_the_sentinels() -> None:
+    from clients.cli import special_tokens_line
+
+    tokens = {"[PAD]": 0, "[EOD]": 1, **{f"[m{i}]": 18 + i for i in range(256)}, "[X]": 400}
+    assert special_tokens_line(tokens) == "[PAD]=0, [EOD]=1, [m0]..[m255]=18..273, [X]=400"
+    assert special_tokens_line({"[m0]": 5, "[m1]": 6}) == "[m0]=5, [m1]=6"
+    assert special_tokens_line({"[m0]": 5, "[m1]": 6, "[m2]": 9, "[m3]": 10}) == "[m0]=5, [m1]=6, [m2]=9, [m3]=10"
