@@ -266,9 +266,27 @@ def serve(**options) -> None:
     try:
         settings = Settings(**given)
     except pydantic.ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
-        raise click.UsageError(problems) from None
+        raise click.UsageError(_settings_problems(e, given)) from None
     try:
         run_server(settings)
     except (CorpusError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+
+
+def _settings_problems(error, given: dict) -> str:
+    """Each invalid setting named as the user gave it (the option, else its BIRDIE_* variable), then
+    pydantic's message without its "Value error, " prefix."""
+    from objective_server.settings import ENV_PREFIX
+
+    options = {p.name: p.opts[0] for p in click.get_current_context().command.params}
+    problems = []
+    for err in error.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        field = str(err["loc"][0]) if err["loc"] else None
+        if field is None:
+            problems.append(message)
+        elif field in given and field in options:
+            problems.append(f"{options[field]}: {message}")
+        else:
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+    return "; ".join(problems)

@@ -140,3 +140,19 @@ def test_default_corpus_into_the_cache(fake_stdlib: Path, tmp_path: Path) -> Non
     assert second.exit_code == 0
     assert json.loads((path / "manifest.json").read_text()) == manifest
     assert default.default_store_path(tmp_path / "cache") == path
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, env, line", [
+    (["--port", "99999"], {}, "Error: --port: Input should be less than or equal to 65535"),
+    ([], {"BIRDIE_PORT": "99999"}, "Error: BIRDIE_PORT: Input should be less than or equal to 65535"),
+    (["--redis-url", "localhost:6379"], {}, "Error: --redis-url: must be empty, memory:// or start with redis://"),
+    (["--workers", "2"], {"BIRDIE_REDIS_URL": ""}, "Error: 2 workers need a shared state store: set BIRDIE_REDIS_URL"),
+])
+def test_serve_names_a_bad_setting_as_it_was_given(args: list[str], env: dict[str, str], line: str) -> None:
+    result = CliRunner().invoke(main, ["serve", *args], env=env)
+    assert result.exit_code == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(line) and "Value error" not in last, last
