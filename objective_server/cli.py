@@ -121,7 +121,8 @@ def objectives() -> None:
 @click.option("--seq-len", default=2048, show_default=True, help="Row length the preset is sized for.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def objectives_list(preset_name: str, seq_len: int, as_json: bool) -> None:
-    """Every configuration of a preset: name, family, initial probability and parameters."""
+    """Every configuration of a preset: name, family and initial probability (--json adds the
+    parameters; the name states them too)."""
     import json
 
     from rich.console import Console
@@ -137,8 +138,8 @@ def objectives_list(preset_name: str, seq_len: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"preset {preset_name}: {len(rows)} configurations, L = {seq_len}")
-    table.add_column("configuration")
+    table = Table(title=f"preset {preset_name}: {_count(len(rows), 'configuration')}, L = {seq_len}")
+    table.add_column("configuration", no_wrap=True)  # names differ only at their end: never cut them
     table.add_column("family")
     table.add_column("initial p", justify="right")
     for r in rows:
@@ -148,19 +149,24 @@ def objectives_list(preset_name: str, seq_len: int, as_json: bool) -> None:
 
 @objectives.command("show")
 @click.argument("name")
-@click.option("-n", "count", default=3, show_default=True, help="How many examples.")
+@click.option("-n", "count", type=click.IntRange(min=1), default=3, show_default=True, help="How many examples.")
 @click.option("--corpus", type=click.Path(exists=True, file_okay=False),
               help="A prepared token store (default: the embedded default corpus).")
-@click.option("--seq-len", default=2048, show_default=True, help="Row length examples are packed into.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--max-chars", default=800, show_default=True, help="Shorten long texts in the table (0: never).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Row length examples are packed into.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seeds the examples' randomness (which spans are masked, shuffled or queried).")
+@click.option("--max-chars", type=click.IntRange(min=0), default=800, show_default=True,
+              help="Shorten longer texts to their start and end (0: never; --json: never).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (full texts) for machines.")
 def objectives_show(name: str, count: int, corpus: str | None, seq_len: int, seed: int, max_chars: int,
                     as_json: bool) -> None:
     """Decoded input (bidirectional prefix) and label (causal suffix) of NAME's first examples.
 
     NAME is a configuration name such as `infilling.span3.mask15.len512` (see `objectives list`).
-    Examples come from the training split, packed exactly as a trainer receives them.
+    Examples come from the training split, packed exactly as a trainer receives them. On a
+    terminal, special tokens stand out: paradigm tokens and markers ([R], [COPY], [SEP], [EOD])
+    in yellow, span sentinels ([m0], [m1], ...) in magenta; corpus text that spells one does not.
     """
     import json
 
@@ -178,32 +184,56 @@ def objectives_show(name: str, count: int, corpus: str | None, seq_len: int, see
         raise click.UsageError(str(e)) from None
     store = _open_corpus(corpus)
     tokens = store.split("train").tokens
+    special = None if as_json else {i: name for name, i in store.special.ids.items()}
     examples: list[dict] = []
     index = 0
     while len(examples) < count and index < count + 10:
         batch = validation_batch(objective, 0, tokens, store.special, seed=seed, batch_size=1,
                                  seq_len=seq_len, index=index)
-        examples += decoded_examples(batch, store.decode, [objective.name], limit=count - len(examples))
+        examples += decoded_examples(batch, store.decode, [objective.name], limit=count - len(examples),
+                                     special=special)
         index += 1
+    if not examples:
+        raise click.UsageError(f"no example of {objective.name} fits in a row of {seq_len} tokens; "
+                               "give a larger --seq-len")
     if as_json:
         click.echo(json.dumps({"objective": objective.name, "family": objective.family,
                                "params": objective.params(), "examples": examples}, indent=2))
         return
     console = Console()
-    # Decoded text is shown as plain Text: "[m0]" and "[GEN]" are tokens, not Rich markup.
-    console.print(Text(f"{objective.name}  family {objective.family}  {objective.params()}", style="bold"))
+    params = "  ".join(f"{k}={v}" for k, v in objective.params().items() if k != "family")
+    console.print(Text(f"{objective.name}  family {objective.family}  {params}", style="bold"))
     for i, ex in enumerate(examples):
-        console.print(Panel(Text(_shorten(ex["input"], max_chars)), border_style="cyan", title_align="left",
-                            title=f"example {i}: input, read bidirectionally ({ex['input_tokens']} tokens)"))
-        console.print(Panel(Text(_shorten(ex["label"], max_chars)), border_style="green", title_align="left",
-                            title=f"label, generated causally ({ex['label_tokens']} tokens)"))
+        console.print(Panel(_decoded_text(ex["input"], ex["input_special"], max_chars), border_style="cyan",
+                            title_align="left",
+                            title=f"example {i}: input, read bidirectionally ({_count(ex['input_tokens'], 'token')})"))
+        console.print(Panel(_decoded_text(ex["label"], ex["label_special"], max_chars), border_style="green",
+                            title_align="left",
+                            title=f"label, generated causally ({_count(ex['label_tokens'], 'token')})"))
 
 
-def _shorten(text: str, max_chars: int) -> str:
-    if not max_chars or len(text) <= max_chars:
-        return text
-    half = max_chars // 2
-    return f"{text[:half]} … [{len(text) - 2 * half} characters] … {text[-half:]}"
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _decoded_text(text: str, special: list[tuple[int, int]], max_chars: int):
+    """Decoded text as a rich Text (not markup: "[m0]" and "[GEN]" are tokens), its special tokens
+    (character spans) styled, the middle of a text longer than max_chars (0: no limit) left out and
+    said so."""
+    from rich.text import Text
+
+    out = Text(text)
+    for start, end in special:
+        sentinel = text[start + 1:start + 2] == "m"  # [m0], [m1], ...: span-corruption sentinels
+        out.stylize("bold magenta" if sentinel else "bold yellow", start, end)
+    if max_chars and len(text) > max_chars:
+        half = max_chars // 2
+        shortened = out[:half]
+        # No brackets: in decoded text, brackets are special tokens.
+        shortened.append(f" … {len(text) - 2 * half:,} characters not shown … ", style="dim italic")
+        shortened.append_text(out[len(text) - half:])
+        out = shortened
+    return out
 
 
 def _open_corpus(path: str | None):

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -140,6 +143,75 @@ def test_default_corpus_into_the_cache(fake_stdlib: Path, tmp_path: Path) -> Non
     assert second.exit_code == 0
     assert json.loads((path / "manifest.json").read_text()) == manifest
     assert default.default_store_path(tmp_path / "cache") == path
+
+
+# --- objectives ----------------------------------------------------------------------------------
+
+
+def objectives(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(main, ["objectives", *args], env=env)
+
+
+def assert_usage_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.exception.__class__ is SystemExit
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and all(fragment in last for fragment in fragments), result.stderr
+
+
+def test_objectives_show_refuses_what_it_cannot_show(small_store: TokenStore) -> None:
+    corpus = ["--corpus", str(small_store.path)]
+    assert_usage_error(objectives("show", "copying.len64", *corpus, "-n", "0"), "-n")
+    assert_usage_error(objectives("show", "copying.len64", *corpus, "--seq-len", "0"), "--seq-len")
+    assert_usage_error(objectives("show", "copying.len64", *corpus, "--max-chars", "-5"), "--max-chars")
+    # A row too short for any example: said, instead of a header and nothing under it.
+    assert_usage_error(objectives("show", "copying.len64", *corpus, "--seq-len", "5"),
+                       "no example of copying.len64 fits in a row of 5 tokens", "--seq-len")
+
+
+def test_objectives_show_marks_the_special_tokens(small_store: TokenStore) -> None:
+    args = ["show", "infilling.span3.mask15.len128", "--corpus", str(small_store.path), "--seq-len", "256",
+            "-n", "1", "--max-chars", "200"]
+    plain = objectives(*args, env={"COLUMNS": "100"})
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout.startswith("infilling.span3.mask15.len128  family infilling  mean_span=3.0  rate=0.15")
+    assert "example 0: input, read bidirectionally (" in plain.stdout and "[R]" in plain.stdout
+    # The cut is said in words: in decoded text, brackets are tokens.
+    assert re.search(r" … [\d,]+ characters not shown … ", plain.stdout)
+    assert not re.search(r"\[[\d,]+ characters\]", plain.stdout)
+    colour = objectives(*args, env={"FORCE_COLOR": "1", "COLUMNS": "100"})
+    assert "\x1b[1;33m[R]\x1b[0m" in colour.stdout and "\x1b[1;35m[m0]\x1b[0m" in colour.stdout
+
+
+def test_special_tokens_are_told_from_text_that_spells_them(small_store: TokenStore) -> None:
+    from objective_server.inspection import special_token_spans
+
+    ids = small_store.special.ids
+    first = small_store.encode("the literal text [m0] and [EOD] here")
+    parts = [first, [ids["[m0]"]], small_store.encode(" then [m0]"), [ids["[EOD]"]]]
+    tokens = np.concatenate([np.asarray(p, dtype=np.int32) for p in parts])
+    text = small_store.decode(tokens)
+    spans = special_token_spans(tokens, text, small_store.decode, {i: name for name, i in ids.items()})
+    real_m0 = text.index("[m0]", len(small_store.decode(first)))
+    assert spans == [(real_m0, real_m0 + 4), (len(text) - 5, len(text))]
+    assert text.count("[m0]") == 3 and text.count("[EOD]") == 2  # the others are corpus text
+
+
+def test_objectives_list_counts_in_words() -> None:
+    result = objectives("list", "--preset", "ntp")
+    assert result.exit_code == 0 and "preset ntp: 1 configuration, L = 2048" in result.stdout
+
+
+def test_every_option_says_what_it_does() -> None:
+    def commands(command):
+        yield command
+        for sub in getattr(command, "commands", {}).values():
+            yield from commands(sub)
+
+    for command in commands(main):
+        for param in command.params:
+            if isinstance(param, click.Option) and "--help" not in param.opts:
+                assert param.help, f"{command.name} {param.opts[0]} has no help text"
 
 
 # --- serve ---------------------------------------------------------------------------------------
