@@ -66,6 +66,7 @@ def prepare(inputs: tuple[str, ...], out: str | None, vocab_size: int | None,
     from objective_server.corpus.errors import CorpusError
 
     started = time.perf_counter()
+    reused = False
     try:
         if inputs:
             if out is None:
@@ -97,12 +98,21 @@ def prepare(inputs: tuple[str, ...], out: str | None, vocab_size: int | None,
             else:
                 from objective_server.corpus.prepare import PrepareSummary
 
+                manifest = default.default_store_path() / "manifest.json"
+                before = manifest.stat().st_mtime_ns if manifest.exists() else None
                 store = default.default_store(progress=not quiet)
                 summary = PrepareSummary.of_manifest(store.path, store.manifest,
                                                      time.perf_counter() - started)
+                reused = before is not None and manifest.stat().st_mtime_ns == before
     except CorpusError as e:
         raise _BadInput(str(e)) from None
-    click.echo(summary.describe())
+    if reused:  # opened, not prepared: no time or tokens/s (416 million tokens/s said nothing)
+        click.echo(f"already prepared {summary.path} (reused): documents "
+                   + ", ".join(f"{n:,} {split}" for split, n in summary.n_docs.items()) + "; tokens "
+                   + ", ".join(f"{n:,} {split}" for split, n in summary.n_tokens.items())
+                   + f"; vocab {summary.vocab_size:,}")
+    else:
+        click.echo(summary.describe())
     for note in summary.notes:
         click.echo(f"note: {note}", err=True)
 

@@ -139,8 +139,13 @@ def test_default_corpus_into_the_cache(fake_stdlib: Path, tmp_path: Path) -> Non
     path = default_store_path(tmp_path / "cache")
     assert f"prepared {path}:" in first.stdout
     manifest = json.loads((path / "manifest.json").read_text())
-    second = run("--quiet", env=env)  # reuses the cached store
+    second = run("--quiet", env=env)  # reuses the cached store, and says so (no time, no tokens/s)
     assert second.exit_code == 0
+    assert second.stdout.strip() == (
+        f"already prepared {path} (reused): documents {manifest['splits']['train']['n_docs']:,} train, "
+        f"{manifest['splits']['validation']['n_docs']:,} validation; tokens "
+        f"{manifest['splits']['train']['n_tokens']:,} train, {manifest['splits']['validation']['n_tokens']:,} "
+        f"validation; vocab {manifest['vocab_size']:,}")
     assert json.loads((path / "manifest.json").read_text()) == manifest
     assert default.default_store_path(tmp_path / "cache") == path
 
