@@ -254,9 +254,12 @@ def _open_corpus(path: str | None):
     try:
         if path:
             return TokenStore.open(path)
-        from objective_server.corpus.default import default_store
+        from objective_server.corpus.default import default_store, default_store_path
 
-        return default_store()
+        if not default_store_path().exists():  # else a first look waits a minute in silence
+            click.echo(f"preparing the embedded default corpus into {default_store_path()} "
+                       "(once: about a minute; --corpus DIR takes another)", err=True)
+        return default_store(progress=True)
     except CorpusError as e:
         raise click.ClickException(str(e)) from None
 

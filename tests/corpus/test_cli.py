@@ -202,6 +202,16 @@ def test_special_tokens_are_told_from_text_that_spells_them(small_store: TokenSt
     assert text.count("[m0]") == 3 and text.count("[EOD]") == 2  # the others are corpus text
 
 
+def test_objectives_show_says_when_it_prepares_the_default_corpus(fake_stdlib: Path, tmp_path: Path) -> None:  # noqa: F811
+    env = {"BIRDIE_CACHE": str(tmp_path / "cache")}
+    first = objectives("show", "copying.len64", "-n", "1", "--seq-len", "256", env=env)
+    assert first.exit_code == 0, first.output
+    assert f"preparing the embedded default corpus into {default_store_path(tmp_path / 'cache')}" in first.stderr
+    assert "copying.len64  family copying" in first.stdout
+    again = objectives("show", "copying.len64", "-n", "1", "--seq-len", "256", env=env)
+    assert again.exit_code == 0 and "preparing" not in again.stderr
+
+
 def test_objectives_list_counts_in_words() -> None:
     result = objectives("list", "--preset", "ntp")
     assert result.exit_code == 0 and "preset ntp: 1 configuration, L = 2048" in result.stdout
