@@ -11,14 +11,15 @@ from trainer.models import build_model
 from trainer.train import CHECKPOINT_FORMAT
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """`birdie-server serve` on a free loopback port (in-process store, default corpus), per module."""
+    """`birdie-server serve` on a free loopback port (in-process store, default corpus), shared by the session
+    (each test module uses its own run names)."""
     with LocalServer(tmp_path_factory.mktemp("server") / "server.log") as live:
         yield live
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(server):
     with BirdieClient(server.url) as c:
         yield c
