@@ -170,8 +170,21 @@ def test_recurrent_greedy_decoding_matches_rerunning_the_forward_pass():
 def test_transformer_decodes_by_rerunning_the_forward_pass():
     torch.manual_seed(0)
     model = build_model("transformer", vocab_size=40, d_model=32, n_layers=2, n_heads=2, bidirectional=True)
-    out = greedy_decode(model, [4, 5, 6], generate_id=2, max_new_tokens=5)
-    assert len(out) == 5 and all(0 <= t < 40 for t in out)
+    with torch.no_grad():  # large random weights: at init (tied embeddings) it would echo its last input token
+        for weight in model.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0, 0.3)
+    prefix = [4, 5, 6, 9, 1]
+    out = greedy_decode(model, prefix, generate_id=2, max_new_tokens=6)
+    assert len(out) == 6 and len(set(out)) > 2
+    # Teacher-forced on its own answer, one forward pass predicts every answer token: the suffix is
+    # causal, so position t sees exactly what the decoder saw when it chose token t.
+    ids = torch.tensor([[*prefix, 2, *out[:-1]]])
+    mask = torch.full_like(ids, MODEL_SUFFIX)
+    mask[:, : len(prefix)] = MODEL_PREFIX
+    with torch.no_grad():
+        assert model(ids, mask)[0, len(prefix):].argmax(-1).tolist() == out
+    assert greedy_decode(model, prefix, generate_id=2, max_new_tokens=6, stop_ids=[out[1]]) == out[: out.index(out[1]) + 1]
 
 
 class OracleLM(nn.Module):
