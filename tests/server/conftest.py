@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import httpx
@@ -11,6 +13,7 @@ import yaml
 from objective_server.corpus import prepare_corpus
 from objective_server.corpus.default import StdlibDocstrings, stdlib_root
 from objective_server.settings import Settings
+from redis_server import RedisServer, redis_server_binary
 from server.live import LiveServer
 
 # Small batches keep every test fast on two cores: 2 rows of 128 positions.
@@ -88,21 +91,45 @@ def live_server(tmp_path: Path):
         server.kill()
 
 
-@pytest.fixture
-async def app_client(corpus_path: Path, tmp_path: Path):
-    """An in-process app (in-process store, thread pool) and an httpx client on its ASGI transport;
-    for quick route tests. Yields a factory so a test can pass its own settings."""
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory):
+    """One redis-server for the in-process route tests; each app gets its own key namespace, so tests
+    never see each other's runs. (Durability is not what these tests check: no fsync.)"""
+    if redis_server_binary() is None:  # as the `redis_server` fixture: no quiet skips
+        reason = "redis-server binary not installed (`make test` installs it; or set BIRDIE_REDIS_SERVER to its path)"
+        if os.environ.get("BIRDIE_ALLOW_NO_REDIS") == "1":
+            pytest.skip(reason + "; skipped because BIRDIE_ALLOW_NO_REDIS=1")
+        pytest.fail(reason + "; BIRDIE_ALLOW_NO_REDIS=1 skips these tests instead", pytrace=False)
+    server = RedisServer(tmp_path_factory.mktemp("shared-redis"), appendfsync="no")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def app_client(request: pytest.FixtureRequest, corpus_path: Path, tmp_path: Path):
+    """An in-process app (thread pool) and an httpx client on its ASGI transport; for quick route
+    tests. Runs once on the in-process store and once on Redis (the shared redis-server, a fresh
+    namespace per app, so every app starts from an empty store as an in-process one does). Yields a
+    factory so a test can pass its own settings; `app_client.store` says which store it is."""
     from objective_server.app import create_app
     from server.policies_for_tests import register
 
     register()
+    store: dict[str, object] = {}
+    if request.param == "redis":
+        redis_url = request.getfixturevalue("shared_redis").url
     opened = []
 
     async def make(**settings) -> httpx.AsyncClient:
+        if request.param == "redis":
+            store.update(redis_url=redis_url, redis_namespace=f"test-{uuid.uuid4().hex}")
         values = {
             "corpus": corpus_path, "generation_executor": "thread", "generation_workers": 1, "presets": [],
             "run_files": [write_runs(tmp_path / f"runs{len(opened)}.yaml", run_config())],
-            **settings,
+            **store, **settings,
         }
         app = create_app(Settings(**values))
         lifespan = app.router.lifespan_context(app)
@@ -111,6 +138,7 @@ async def app_client(corpus_path: Path, tmp_path: Path):
         opened.append((lifespan, client))
         return client
 
+    make.store = request.param
     yield make
     for lifespan, client in reversed(opened):
         await client.aclose()

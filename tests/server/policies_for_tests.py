@@ -1,7 +1,9 @@
 """Mixture policies that publish (the shipped `fixed` one never does), for the server tests.
 
 `rotating` records every observation it is given in its state and publishes a new mixture each
-time, so a test can count policy updates exactly and see mixtures change mid-run. `app()` is a
+time, so a test can count policy updates exactly and see mixtures change mid-run; with `hold_at`
+its update for those steps waits at the run's `Gate` until the test opens it, so a test can order
+concurrent requests around a policy update without sleeping. `app()` is a
 uvicorn factory that registers these policies and builds the real app from the environment, so a
 test server process (and each of its workers) knows them.
 """
@@ -10,12 +12,35 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from objective_server.policies import POLICIES, Decision, Policy
 from objective_server.runs import RunConfig
 from objective_server.store import Aggregate
+
+
+# How long a held update waits for its gate before failing (a test that never opens it).
+GATE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Gate:
+    """Where a held policy update of one run waits: it sets `entered`, then waits for `release`."""
+
+    entered: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+GATES: dict[str, Gate] = {}
+
+
+def new_gate(run: str) -> Gate:
+    """A fresh (closed) gate for the run's held updates, replacing any earlier test's."""
+    GATES[run] = Gate()
+    return GATES[run]
 
 
 class RotatingPolicy(Policy):
@@ -25,18 +50,29 @@ class RotatingPolicy(Policy):
     observes = ("validation",)
 
     def __init__(
-        self, config: RunConfig, delay_s: float = 0.0, fail_at: tuple[int, ...] = (), nan_at: tuple[int, ...] = ()
+        self,
+        config: RunConfig,
+        delay_s: float = 0.0,
+        fail_at: tuple[int, ...] = (),
+        nan_at: tuple[int, ...] = (),
+        hold_at: tuple[int, ...] = (),
     ) -> None:
         super().__init__(config)
         self.delay_s = delay_s  # widens the window in which concurrent posts could double-apply
         self.fail_at = tuple(fail_at)  # steps whose observation makes the policy raise
         self.nan_at = tuple(nan_at)  # steps whose observation makes it propose an invalid mixture
+        self.hold_at = tuple(hold_at)  # steps whose update waits at the run's gate (see new_gate)
 
     def initial_state(self) -> bytes:
         return json.dumps({"observed": []}).encode()
 
     def update(self, state: bytes, observation: Aggregate) -> Decision:
         time.sleep(self.delay_s)
+        if observation.step in self.hold_at:
+            gate = GATES.setdefault(self.config.name, Gate())
+            gate.entered.set()
+            if not gate.release.wait(GATE_TIMEOUT_S):
+                raise RuntimeError(f"the gate of run {self.config.name!r} never opened")
         if observation.step in self.fail_at:
             raise RuntimeError(f"no update for step {observation.step} (fail_at)")
         s = json.loads(state)

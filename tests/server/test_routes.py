@@ -1,11 +1,14 @@
-"""Every route through the real app in-process (httpx ASGI transport, in-process store): formats,
-content negotiation, validation batches, run creation, mixtures and their timeline, auth, and
-malformed or hostile requests that must get a 4xx and leave the state untouched."""
+"""Every route through the real app in-process (httpx ASGI transport), once on the in-process store
+and once on Redis: formats, content negotiation, validation batches, run creation, mixtures and their
+timeline, auth, and malformed or hostile requests that must get a 4xx and leave the state untouched."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import copy
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,8 +17,11 @@ from tokenizers import Tokenizer
 from clients.wire import ARROW_MEDIA_TYPE, FIELDS, decode_arrow, decode_json
 from objective_server.objectives.presets import list_presets, preset
 from objective_server.packing import IGNORE_INDEX, PADDING, PREFIX, SUFFIX
-from objective_server.store import LossPost
+from objective_server.runs import RunConfig
+from objective_server.service.registry import RunRegistry
+from objective_server.store import LossPost, MemoryRunStore
 from server.conftest import BATCH_SIZE, SEQ_LEN, run_config
+from server.policies_for_tests import new_gate
 
 pytestmark = pytest.mark.anyio
 
@@ -27,15 +33,50 @@ async def batch(client, **params):
     return response
 
 
-async def state_of(client, run="small"):
+def store_of(client):
+    return client._transport.app.state.services.store
+
+
+async def stored(client):
+    """The store's raw contents, which also hold what no route shows (the ranks and sums of an
+    incomplete aggregate, the pending queue): a half-applied write shows here."""
+    store = store_of(client)
+    if isinstance(store, MemoryRunStore):
+        with store._mutex:
+            return copy.deepcopy(store._runs)
+    r, contents = store._redis, {}
+    async for key in r.scan_iter(match=f"{store._namespace}:*"):
+        kind = (await r.type(key)).decode()
+        read = {"string": r.get, "hash": r.hgetall, "set": r.smembers,
+                "list": lambda k: r.lrange(k, 0, -1), "zset": lambda k: r.zrange(k, 0, -1, withscores=True)}[kind]
+        contents[key] = (kind, await read(key))
+    return contents
+
+
+async def state_of(client, run="small", headers=None):
     """Everything a request could change: mixture (with policy state and training totals),
-    history, run list and run info."""
+    history, run list and run info, and the store's raw contents."""
+    async def get(path, **params):
+        response = await client.get(path, params=params, headers=headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
     return (
-        (await client.get("/mixture", params={"run": run})).json(),
-        (await client.get("/mixture/history", params={"run": run})).json(),
-        (await client.get("/runs")).json(),
-        (await client.get(f"/runs/{run}")).json(),
+        await get("/mixture", run=run),
+        await get("/mixture/history", run=run),
+        await get("/runs"),
+        await get(f"/runs/{run}"),
+        await stored(client),
     )
+
+
+async def eventually(predicate, what: str, timeout_s: float = 30.0) -> None:
+    """Wait (polling) until `predicate()` (a coroutine function) is true; fail after `timeout_s`,
+    a guard against hanging, not a timing requirement."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.005)
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -181,22 +222,55 @@ async def test_a_policy_failure_consumes_that_evaluation_and_later_ones_still_ap
     assert 'birdie_policy_updates_total{run="rot",split="validation"} 1.0' in text
 
 
-async def test_a_post_whose_observation_another_drain_took_reports_that_drains_outcome(app_client):
-    # Eval 4's drain is slow (0.5 s): eval 8 completes meanwhile, and that drain also takes (and
-    # fails on) it; eval 8's own post finds nothing left to drain but must still say what happened.
+async def test_a_post_whose_observation_another_drain_took_reports_that_drains_outcome(app_client, monkeypatch):
+    # Eval 4's policy update waits at a gate; eval 8 completes meanwhile, and eval 4's drain takes
+    # (and fails on) it too once the gate opens. Eval 8's own post drains nothing itself but must
+    # still say what happened to its evaluation.
     client = await app_client(run_files=[], drain_interval_s=0.01)
-    config = run_config("rot", policy={"name": "rotating", "options": {"delay_s": 0.5, "fail_at": [8]}})
+    gate = new_gate("rot")
+    config = run_config("rot", policy={"name": "rotating", "options": {"hold_at": [4], "fail_at": [8]}})
     names = [o["name"] for o in (await client.post("/runs", json=config)).json()["objectives"]]
     await batch(client, run="rot", step=7)
     post = {"run": "rot", "split": "validation", "losses": {names[0]: 2.0}, "tokens": {names[0]: 10}}
 
-    async def evaluation(step: int, after_s: float) -> dict:
-        await asyncio.sleep(after_s)
-        return (await client.post("/losses", json={**post, "step": step})).json()
+    # Which request's drain commits which aggregates (the request's context reaches its drain).
+    poster: contextvars.ContextVar[int] = contextvars.ContextVar("poster")
+    store = store_of(client)
+    commit_policy, commits = store.commit_policy, []
 
-    four, eight = await asyncio.gather(evaluation(4, 0.0), evaluation(8, 0.1))
-    assert four["policy_updated"] and four["policy_note"] is None
-    assert not eight["policy_updated"] and "RuntimeError" in eight["policy_note"]
+    async def recording_commit(run, expected_version, state, consumed, *args, **kwargs):
+        commits.append((poster.get(None), list(consumed)))
+        return await commit_policy(run, expected_version, state, consumed, *args, **kwargs)
+
+    monkeypatch.setattr(store, "commit_policy", recording_commit)
+
+    async def evaluation(step: int) -> dict:
+        poster.set(step)
+        response = await client.post("/losses", json={**post, "step": step})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    async def gate_entered() -> bool:
+        return gate.entered.is_set()
+
+    async def eight_pending() -> bool:
+        return ("validation", 8) in [a.key for a in await store.pending("rot")]
+
+    four = asyncio.create_task(evaluation(4))
+    try:
+        await eventually(gate_entered, "eval 4's policy update started")
+        eight = asyncio.create_task(evaluation(8))
+        await eventually(eight_pending, "eval 8 completed and pending")
+        assert not eight.done()  # its drain waits for eval 4's
+    finally:
+        gate.release.set()
+    four, eight = await four, await eight
+    assert four["policy_updated"] and four["policy_note"] is None and four["mixture_version"] == 1
+    assert commits == [(4, [("validation", 4)]), (4, [("validation", 8)])]  # eval 4's post drained both
+    assert eight["completed"] and not eight["policy_updated"]
+    assert "the policy failed on it: RuntimeError" in eight["policy_note"] and eight["mixture_version"] == 1
+    mixture = (await client.get("/mixture", params={"run": "rot"})).json()
+    assert mixture["version"] == 1 and mixture["meta"]["policy_state"]["observed"] == [["validation", 4]]
 
 
 async def test_the_retry_of_a_completing_post_whose_answer_was_lost_still_updates_the_policy(app_client):
@@ -222,6 +296,40 @@ async def test_a_post_the_policy_does_not_observe_says_nothing_about_the_policy(
     answer = (await client.post("/losses", json={"run": "small", "step": 0, "losses": {name: 1.0},
                                                  "tokens": {name: 3}})).json()
     assert answer["completed"] and not answer["policy_updated"] and answer["policy_note"] is None
+
+
+async def test_training_posts_drive_a_step_wise_policy_one_update_per_step(app_client):
+    # A policy that observes training losses: every step's post (one rank) completes an observation,
+    # and the update publishes a mixture effective from the step after the highest served.
+    client = await app_client(run_files=[], drain_interval_s=3600)  # no housekeeping drains
+    created = await client.post("/runs", json=run_config("rot", policy={"name": "rotating-train"}))
+    assert created.status_code == 201, created.text
+    names = [o["name"] for o in created.json()["objectives"]]
+    for step in range(4):
+        served = await batch(client, run="rot", step=step)
+        assert served.headers["x-birdie-mixture-version"] == str(step)  # published by the previous post
+        post = {"run": "rot", "step": step, "split": "train",
+                "losses": {names[step]: 2.0 + step / 4}, "tokens": {names[step]: 10 + step}}
+        answer = (await client.post("/losses", json=post)).json()
+        assert answer["status"] == "accepted" and answer["completed"], answer
+        assert answer["policy_updated"] and answer["policy_note"] is None and answer["mixture_version"] == step + 1
+        history = (await client.get("/mixture/history", params={"run": "rot"})).json()
+        assert history["timeline"] == [[s, s] for s in range(step + 2)]  # version v from step v on
+        assert [m["created_at_step"] for m in history["mixtures"]] == [None, *range(step + 1)]
+        assert history["max_served"] == step and history["evaluations"] == []  # training is no evaluation
+        mixture = (await client.get("/mixture", params={"run": "rot"})).json()
+        assert mixture["meta"]["policy_state"]["observed"] == [["train", s] for s in range(step + 1)]
+        assert mixture["probabilities"][names[(step + 1) % len(names)]] == pytest.approx(0.5)
+        assert mixture["meta"]["train_totals"][names[step]] == {"tokens": 10 + step, "posts": 1, "mean_loss": 2.0 + step / 4}
+
+    # A repeated post is a duplicate: no second update.
+    before = await state_of(client, "rot")
+    again = (await client.post("/losses", json=post)).json()
+    assert again["status"] == "duplicate" and not again["policy_updated"]
+    assert await state_of(client, "rot") == before
+    text = (await client.get("/metrics")).text
+    assert 'birdie_policy_updates_total{run="rot",split="train"} 4.0' in text
+    assert 'birdie_loss_posts_total{run="rot",split="train",status="duplicate"} 1.0' in text
 
 
 async def test_losses_are_taken_only_for_steps_the_run_has_trained(app_client):
@@ -323,7 +431,7 @@ async def test_health_readiness_and_openapi(app_client):
     client = await app_client()
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = (await client.get("/readyz")).json()
-    assert ready["status"] == "ready" and "in-process" in ready["store"]
+    assert ready["status"] == "ready" and ("in-process" if app_client.store == "memory" else "redis") in ready["store"]
     paths = (await client.get("/openapi.json")).json()["paths"]
     for path in ("/batch", "/losses", "/mixture", "/mixture/history", "/runs", "/runs/{run}", "/objectives",
                  "/tokenizer", "/healthz", "/readyz", "/metrics"):
@@ -331,11 +439,39 @@ async def test_health_readiness_and_openapi(app_client):
     assert "swagger" in (await client.get("/docs")).text.lower()
 
 
+async def test_a_batch_above_the_token_cap_is_413_and_serves_nothing(app_client):
+    client = await app_client(max_request_tokens=1024)
+    services = client._transport.app.state.services
+    name = (await client.get("/objectives", params={"run": "small"})).json()[0]["name"]
+    # A replica with a higher limit created the run in the store (this server refuses to create it).
+    assert (await client.post("/runs", json=run_config("big", batch_size=16))).status_code == 422
+    replica = RunRegistry(services.store, services.corpus, max_request_tokens=1 << 20)
+    await replica.register(RunConfig.model_validate(run_config("big", batch_size=16)))
+    before = await state_of(client, "big")
+    assert before[3]["max_served"] == -1
+    for params in ({"step": 0}, {"step": 3, "rank": 1, "world_size": 2}, {"step": 0, "format": "json", "decode": 1},
+                   {"step": 5, "preview": 1}, {"split": "validation", "objective": name, "index": 0}):
+        response = await client.get("/batch", params={"run": "big", **params})
+        assert response.status_code == 413, (params, response.text)
+        detail = response.json()["detail"]
+        assert "2048 tokens" in detail and "limit of 1024 (BIRDIE_MAX_REQUEST_TOKENS)" in detail, detail
+    assert await state_of(client, "big") == before  # max_served still -1: no step was marked served
+    # Its losses are still refused as untrained, and the run within the limit is served as before.
+    post = {"run": "big", "step": 0, "losses": {name: 1.0}, "tokens": {name: 1}}
+    assert (await client.post("/losses", json=post)).status_code == 422
+    assert (await batch(client, step=0)).headers["x-birdie-mixture-version"] == "0"
+
+
 # --- auth ----------------------------------------------------------------------------------------
 
 
 async def test_a_configured_token_guards_every_route_but_liveness_and_readiness(app_client):
     client = await app_client(api_token="s3cret")
+    good = {"Authorization": "Bearer s3cret"}
+    assert (await client.get("/batch", params={"run": "small", "step": 0}, headers=good)).status_code == 200
+    name = (await client.get("/objectives", params={"run": "small"}, headers=good)).json()[0]["name"]
+    loss = {"run": "small", "step": 0, "losses": {name: 1.0}, "tokens": {name: 3}}
+    before = await state_of(client, headers=good)
     guarded = ["/batch?run=small&step=0", "/mixture?run=small", "/mixture/history?run=small", "/runs",
                "/runs/small", "/objectives", "/tokenizer", "/metrics", "/openapi.json", "/docs"]
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
@@ -346,11 +482,18 @@ async def test_a_configured_token_guards_every_route_but_liveness_and_readiness(
             assert response.headers["www-authenticate"] == "Bearer"
         denied = await client.post("/losses", headers=headers, json={})
         assert denied.status_code == 401
+        for path, body in (("/losses", loss), ("/runs", run_config("sneaky"))):  # valid bodies, no token
+            denied = await client.post(path, headers=headers, json=body)
+            assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer", (path, headers)
     assert (await client.get("/healthz")).status_code == 200
     assert (await client.get("/readyz")).status_code == 200
-    good = {"Authorization": "Bearer s3cret"}
     for path in guarded:
         assert (await client.get(path, headers=good)).status_code == 200, path
+    # Nothing the refused posts carried was created or counted.
+    assert await state_of(client, headers=good) == before
+    assert [r["name"] for r in (await client.get("/runs", headers=good)).json()["runs"]] == ["small"]
+    assert (await client.get("/runs/sneaky", headers=good)).status_code == 404
+    assert (await client.post("/losses", headers=good, json=loss)).json()["status"] == "accepted"
 
 
 # --- malformed and hostile requests --------------------------------------------------------------
@@ -365,6 +508,7 @@ async def test_malformed_and_hostile_requests_get_4xx_and_change_nothing(app_cli
             "losses": {name: 2.5}, "tokens": {name: 40}}
     assert (await client.post("/losses", json=post)).json()["status"] == "accepted"
     before = await state_of(client)
+    assert before[-1], "the raw snapshot sees the store's contents"
 
     bad_batches = [
         ({"run": "nope", "step": 0}, 404),
