@@ -144,6 +144,12 @@ def test_any_address_and_corpus_size_packs_valid_rows(step, rank, seq_len, extra
             assert used[0] == 1 and (row[: used.size] > 0).all()
     # Labels exist exactly on suffix positions.
     assert ((b.attention_mask == 3) == (b.label_ids != -100)).all()
+    # Every example's tokens carry one configuration of the run; padding carries none (-1).
+    objective = b.objective_ids
+    assert ((objective >= 0) == (seg > 0)).all() and objective.max() < len(arms)
+    for row_seg, row_objective in zip(seg, objective):
+        for segment in np.unique(row_seg[row_seg > 0]):
+            assert len(np.unique(row_objective[row_seg == segment])) == 1
     assert b.fill_rate > 0.5
 
 
@@ -163,10 +169,15 @@ def test_a_split_shorter_than_a_row_is_refused_not_repeated():
             assert len(text) > 200 and len(np.unique(text)) == len(text)
 
 
-def test_row_windows_shift_between_epochs_keeps_ranks_disjoint():
-    rows = np.arange(0, 64)
-    starts = row_windows(rows, len(CORPUS), 256, seed=0, split="train")
-    assert len(set((starts % len(CORPUS)).tolist())) == 64
+def test_row_windows_cover_each_epoch_once_and_move_between_epochs():
+    n_tokens, seq_len = 64 * 256 + 100, 256  # 64 windows and a remainder the shift moves into play
+    starts = row_windows(np.arange(3 * 64), n_tokens, seq_len, seed=0, split="train")
+    epochs = starts.reshape(3, 64)
+    for epoch in epochs:  # an epoch's 64 windows are disjoint stretches of the corpus
+        covered = (epoch[:, None] + np.arange(seq_len)) % n_tokens
+        assert len(np.unique(covered)) == 64 * seq_len
+    assert len({int(epoch[0] % seq_len) for epoch in epochs}) > 1  # the window grid shifts per epoch
+    assert not np.array_equal(epochs[0] // seq_len, epochs[1] // seq_len)  # and the order is drawn again
 
 
 def test_bad_addresses_are_refused():

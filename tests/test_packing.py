@@ -45,6 +45,7 @@ def test_example_that_does_not_fit_is_refused():
     batch = Batch.empty(1, 4)
     with pytest.raises(ValueError, match="does not fit"):
         write_example(batch, 0, 0, 1, ex([1, 2, 3], [4, 5]), 0, GEN)
+    assert batch.equals(Batch.empty(1, 4))  # nothing half-written
 
 
 def test_unpack_inverts_write():

@@ -86,6 +86,7 @@ def test_malformed_input(tmp_path: Path) -> None:
     corpus.write_text('{"text": "fine"}\n{"text": oops}\n')
     assert_one_line_error(run(str(corpus), "--out", str(tmp_path / "out"), "--quiet"),
                           f"{corpus}:2: malformed JSON")
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupted_gzip_input(tmp_path: Path) -> None:
