@@ -18,6 +18,7 @@ any number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import multiprocessing
@@ -428,7 +429,7 @@ def prepare_corpus(
     )
     out = Path(out)
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists (--overwrite, or overwrite=True, replaces it)")
+        raise OutputExistsError(f"{out}: already exists (--overwrite replaces it)")
 
     added: list[str] = []
     if tokenizer is not None:
@@ -488,5 +489,10 @@ def prepare_corpus(
         _remove_tree(tmp)
         raise
     manifest_dict = manifest.model_dump(mode="json")
-    return PrepareSummary.of_manifest(out, manifest_dict, time.perf_counter() - started)
+    summary = PrepareSummary.of_manifest(out, manifest_dict, time.perf_counter() - started)
+    if tokenizer is None and n_vocab < vocab_size:
+        summary = dataclasses.replace(summary, notes=(
+            *summary.notes, f"the tokenizer has {n_vocab:,} ids, fewer than the {vocab_size:,} asked: "
+            "the sample has no more pairs seen at least twice to merge (more text gives more)"))
+    return summary
 

@@ -11,8 +11,11 @@ switch in tokenizer.json, so every loader calls it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,11 +89,30 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    with _stdout_to_stderr() if show_progress else contextlib.nullcontext():
+        tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
     for_corpus_text(tokenizer)
     special = special_tokens_of(tokenizer)
     assert special.ids == SpecialTokens.default().ids, "trainer reordered the special tokens"
     return tokenizer, special
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """The trainer's progress bars (Rust, on file descriptor 1) go to stderr, with the others:
+    stdout carries the command's result alone (they left blank lines in front of it)."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real stdout (an embedding host): leave it alone
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def load_tokenizer(path: str | Path) -> tuple[Tokenizer, SpecialTokens]:

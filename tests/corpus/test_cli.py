@@ -244,3 +244,20 @@ def test_serve_names_a_bad_setting_as_it_was_given(args: list[str], env: dict[st
     assert result.exit_code == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(line) and "Value error" not in last, last
+
+
+def test_progress_leaves_stdout_to_the_summary_and_a_small_vocab_is_noted(tmp_path: Path) -> None:
+    """With progress bars on, the tokenizer trainer's (Rust, on file descriptor 1) went to stdout
+    as blank lines in front of the summary; and a vocabulary smaller than asked went unremarked."""
+    import subprocess
+    import sys
+
+    corpus = write_jsonl(tmp_path / "a.jsonl", english_documents(40))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "objective_server", "prepare", str(corpus), "--out", str(out),
+                           "--vocab-size", "30000", "--workers", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    vocab = TokenStore.open(out).manifest["vocab_size"]
+    assert vocab < 30000
+    assert done.stdout.splitlines() == [done.stdout.strip()] and done.stdout.startswith(f"prepared {out}: ")
+    assert f"note: the tokenizer has {vocab:,} ids, fewer than the 30,000 asked" in done.stderr
