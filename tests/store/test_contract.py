@@ -488,11 +488,13 @@ async def test_lock_expires_and_a_late_release_frees_nothing(open_replica):
     crashed_holder, second, third = open_replica(), open_replica(), open_replica()
     await crashed_holder.create_run("r", CONFIG, INITIAL, b"")
     stuck = crashed_holder.lock("r", ttl_s=0.2)
-    await stuck.__aenter__()
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    async with second.lock("r", ttl_s=5, wait_s=3):
-        assert 0.1 < loop.time() - started < 2.0  # acquired once the holder's ttl ran out
+    started = loop.time()  # before the holder's acquire: its ttl cannot run out sooner than 0.2 s from here
+    await stuck.__aenter__()
+    async with second.lock("r", ttl_s=60, wait_s=30):
+        # Not before the holder's ttl ran out: the lock expired, it was not free all along. (The
+        # 10 ms allow for Redis's and this process's clocks; no upper bound: waiting is not a race.)
+        assert loop.time() - started >= 0.2 - 0.01
         await stuck.__aexit__(None, None, None)  # the old holder wakes up and releases late
         with pytest.raises(LockNotAcquired):  # ... which must not have freed the second's lock
             async with third.lock("r", wait_s=0.1):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import redis
@@ -100,10 +99,10 @@ async def test_every_call_fails_fast_while_redis_is_down_and_works_after(redis_s
     redis_server.stop()
     calls = {**MISSING_BACKEND_CALLS, "lock": enter_lock}
     for name, call in calls.items():
-        started = time.monotonic()
+        # Fails (StoreUnavailable), rather than hanging on the dead connection; wait_for's generous
+        # limit only catches a hang (its TimeoutError is not a StoreUnavailable).
         with pytest.raises(StoreUnavailable):
-            await call(store)
-        assert time.monotonic() - started < 2.0, name
+            await asyncio.wait_for(call(store), 10)
     redis_server.start()
     await store.ping()
     assert await store.list_runs() == ["r"]
@@ -117,10 +116,10 @@ async def test_a_hung_redis_times_out_as_unavailable(redis_server, store):
     redis_server.pause()
     try:
         for call in (lambda: store.mark_served("r", 3), lambda: store.ping()):
-            started = time.monotonic()
+            # The store's own socket timeout turns the silence into StoreUnavailable; wait_for's
+            # generous limit only catches a store that would wait for ever.
             with pytest.raises(StoreUnavailable):
-                await call()
-            assert time.monotonic() - started < 2.5
+                await asyncio.wait_for(call(), 10)
     finally:
         redis_server.resume()
     # A timed-out script may have run once the server resumed; serving is idempotent anyway.
@@ -251,10 +250,10 @@ async def test_a_lock_whose_acquire_reply_was_lost_is_still_ours(redis_server):
     try:
         await store.create_run("r", CONFIG, INITIAL, b"")
         proxy.marker = b"PX"  # the lock's SET NX PX
-        started = time.monotonic()
+        # A 60 s TTL against a 2 s wait: had the re-sent SET been refused as someone else's lock,
+        # the acquire would have run out of wait long before the lock expired.
         async with store.lock("r", "policy", ttl_s=60, wait_s=2):
             assert proxy.dropped == 1  # the SET ran, its reply was lost, redis-py re-sent it
-        assert time.monotonic() - started < 1.0  # not a wait for the lock to expire
         async with store.lock("r", "policy", ttl_s=60, wait_s=0.5):
             pass  # released: the next holder gets it at once
     finally:
