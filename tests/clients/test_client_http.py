@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 
 import numpy as np
@@ -23,19 +24,33 @@ from clients.client import (
 )
 from clients.models import LossPostBody, MixtureHistoryResponse, MixtureResponse, RunInfo
 from clients.wire import FIELDS
-from fake_birdie_server import OBJECTIVES, RUN, FakeBirdieServer, Fault, batch_arrays
+from fake_birdie_server import OBJECTIVES, RUN, FakeBirdieServer, Fault, batch_arrays, wait_until
 
 
 class RecordingEvent(threading.Event):
-    """An abort event that never fires and records every backoff the client waits."""
+    """An abort event that records every backoff the client waits (the client waits on its abort
+    event, so a set() ends a wait early).
 
-    def __init__(self) -> None:
+    By default it never fires and returns at once: the backoff schedule is checked without the
+    clock. real=True waits for real (until the timeout or a set()), then records what the wait
+    returned in `ended`. on_wait(n) is called before the n-th wait (from 1).
+    """
+
+    def __init__(self, *, real: bool = False, on_wait: Callable[[int], None] | None = None) -> None:
         super().__init__()
+        self.real = real
+        self.on_wait = on_wait
         self.waits: list[float] = []
+        self.ended: list[bool] = []
 
     def wait(self, timeout: float | None = None) -> bool:
         self.waits.append(timeout)
-        return False
+        if self.on_wait is not None:
+            self.on_wait(len(self.waits))
+        if not self.real:
+            return False
+        self.ended.append(super().wait(timeout))
+        return self.ended[-1]
 
 
 def fast_client(url: str, **options) -> BirdieClient:
@@ -164,10 +179,11 @@ def test_transient_statuses_are_retried_at_the_same_address(server: FakeBirdieSe
 
 def test_retry_after_is_honoured(server: FakeBirdieServer) -> None:
     server.inject("/batch", Fault(status=503, retry_after="0.3"), times=2)
+    abort = RecordingEvent()
     with fast_client(server.url, max_delay=5.0) as client:
-        client.batch(RUN, step=0)
-    first, second, third = (s.at for s in server.requests("/batch"))
-    assert second - first >= 0.29 and third - second >= 0.29
+        assert client.batch(RUN, step=0, abort=abort).header["step"] == 0
+    assert len(server.requests("/batch")) == 3
+    assert len(abort.waits) == 2 and all(w >= 0.3 for w in abort.waits), abort.waits
 
 
 def test_backoff_is_full_jitter_within_exponential_bounds(server: FakeBirdieServer) -> None:
@@ -221,13 +237,13 @@ def test_parse_retry_after() -> None:
 
 
 def test_connection_refused_until_the_server_comes_up(down_server: FakeBirdieServer) -> None:
-    timer = down_server.start_after(0.5)
-    started = time.monotonic()
+    # The server comes up during the client's third backoff: three refused attempts, each
+    # followed by a backoff, then the fourth gets through.
+    abort = RecordingEvent(on_wait=lambda n: down_server.start() if n == 3 else None)
     with BirdieClient(down_server.url, retries=30, backoff=0.05, max_delay=0.2) as client:
-        batch = client.batch(RUN, step=2)
-    timer.join()
-    assert time.monotonic() - started >= 0.5
+        batch = client.batch(RUN, step=2, abort=abort)
     assert batch.header["step"] == 2
+    assert len(abort.waits) == 3
     assert len(down_server.requests("/batch")) == 1  # refused attempts never reached it
 
 
@@ -239,12 +255,12 @@ def test_connection_refused_for_good_raises_with_the_url(down_server: FakeBirdie
 
 
 def test_slow_answer_times_out_and_is_retried_at_the_same_address(server: FakeBirdieServer) -> None:
-    server.inject("/batch", Fault(delay=2.0))
-    with fast_client(server.url, timeout=0.25) as client:
-        started = time.monotonic()
+    # The first answer would come after 5 s; the client gives up on it after its 1 s timeout and
+    # asks again (the second answer is immediate). Two requests, one address.
+    server.inject("/batch", Fault(delay=5.0))
+    with fast_client(server.url, timeout=1.0) as client:
         batch = client.batch(RUN, step=9)
-        elapsed = time.monotonic() - started
-    assert batch.header["step"] == 9 and 0.25 <= elapsed < 2.0
+    assert batch.header["step"] == 9
     seen = server.requests("/batch")
     assert len(seen) == 2 and seen[0].query == seen[1].query
 
@@ -290,11 +306,29 @@ def test_a_lost_answer_makes_the_resend_a_duplicate(server: FakeBirdieServer) ->
     assert list(server.accepted) == [(RUN, 4, 0, "train")] and server.duplicate_posts == 1
 
 
-def test_abort_ends_the_backoff_at_once(down_server: FakeBirdieServer) -> None:
-    abort = threading.Event()
-    threading.Timer(0.2, abort.set).start()
-    started = time.monotonic()
-    with BirdieClient(down_server.url, retries=100, backoff=5.0, max_delay=5.0) as client:
-        with pytest.raises(BirdieAborted):
-            client.batch(RUN, step=0, abort=abort)
-    assert time.monotonic() - started < 1.5
+@pytest.mark.parametrize("outage", ["refused", "retry_after"])
+def test_abort_ends_the_backoff_at_once(server: FakeBirdieServer, outage: str) -> None:
+    # Backoffs of up to an hour: a client that slept them out instead of waiting on its abort event
+    # would still be in the first one when the join below gives up.
+    if outage == "refused":
+        server.stop()
+    else:
+        server.fail_always("/batch", Fault(status=503, retry_after="3600"))
+    abort = RecordingEvent(real=True)
+    raised: list[BaseException] = []
+
+    def fetch() -> None:
+        with BirdieClient(server.url, retries=100, backoff=3600.0, max_delay=3600.0) as client:
+            try:
+                client.batch(RUN, step=0, abort=abort)
+            except BaseException as error:  # noqa: BLE001 - handed to the test thread
+                raised.append(error)
+
+    fetcher = threading.Thread(target=fetch)
+    fetcher.start()
+    assert wait_until(lambda: len(abort.waits) == 1, timeout=30)
+    abort.set()
+    fetcher.join(30)
+    assert not fetcher.is_alive(), "the client sat out its backoff"
+    assert len(raised) == 1 and isinstance(raised[0], BirdieAborted), raised
+    assert abort.ended == [True]  # the one backoff ended because of the abort, not its timeout
