@@ -6,14 +6,13 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
 
-torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from clients.torch_data import BirdieIterableDataset, as_tensor  # noqa: E402
-from clients.wire import FIELDS, decode_arrow, encode_arrow  # noqa: E402
-from fake_birdie_server import RUN, FakeBirdieServer, batch_arrays  # noqa: E402
+from clients.torch_data import BirdieIterableDataset, as_tensor
+from clients.wire import FIELDS, decode_arrow, encode_arrow
+from fake_birdie_server import RUN, FakeBirdieServer, batch_arrays
 
 FAST = {"timeout": 2.0, "retries": 3, "backoff": 0.01, "max_delay": 0.05}
 
