@@ -447,10 +447,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     @click.option("--phone-book-examples", default=20, show_default=True, help="Books per question size.")
     @click.option("--finetune-steps", default=0, show_default=True,
                   help="Phone-book fine-tune steps before a second lookup (the paper used 1000).")
-    @click.option("--finetune-batch-size", default=8, show_default=True)
+    @click.option("--finetune-batch-size", default=8, show_default=True, help="Rows per fine-tune batch.")
     @click.option("--finetune-seq-len", type=int, help="Row length of fine-tune batches (default: the run's).")
     @click.option("--finetune-numbers", default="1,2,4,8", show_default=True, help="Question sizes fine-tuned on.")
-    @click.option("--finetune-lr", default=1e-3, show_default=True)
+    @click.option("--finetune-lr", default=1e-3, show_default=True, help="AdamW learning rate of the fine-tune.")
     @click.option("--seed", default=0, show_default=True, help="Chooses the phone books.")
     @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON here (default: stdout).")
     @click.option("--quiet", is_flag=True, help="No progress bars or tables.")
@@ -459,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 finetune_lr, seed, out, quiet):
         """Evaluate a birdie-train CHECKPOINT: validation loss and accuracy per configuration,
         copying / selective-copying accuracy and phone-book lookup digit accuracy."""
-        from clients import BirdieClient, BirdieError
+        from clients import BirdieClient, BirdieError, NotFoundError
         from trainer.train import load_model, resolve_device
 
         try:
@@ -473,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             model, saved = load_model(checkpoint, resolve_device(device))
             with BirdieClient(server_url) as client:
                 result = evaluate_run(model, client, run_name or saved["run"], options)
+        except NotFoundError as error:
+            hint = "" if run_name else " (the run the checkpoint trained on; --run NAME evaluates on another)"
+            raise click.ClickException(f"{error}{hint}") from None
         except (ValueError, BirdieError) as error:
             raise click.ClickException(str(error)) from None
         result["checkpoint"] = {"path": str(checkpoint), "step": saved["step"], "model": saved["model_name"]}

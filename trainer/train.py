@@ -91,7 +91,7 @@ class TrainConfig:
         "help": "the objective server (default: $BIRDIE_SERVER_URL, else http://127.0.0.1:8000); an API token, "
                 "if it wants one, comes from $BIRDIE_API_TOKEN"})
     run_name: str = field(default="birdie", metadata={
-        "help": "the run to train on (--run-name: a plain --run is ambiguous under torchrun)"})
+        "help": "the run to train on"})
     create_run: bool = field(default=False, metadata={
         "help": "create the run first (POST /runs) from the run fields below and total_steps = --steps; "
                 "the same config again is a no-op"})
@@ -296,6 +296,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
     parser = argparse.ArgumentParser(
         prog="birdie-train", description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+        usage="birdie-train [--config FILE] [--FIELD VALUE ...]  (every field: birdie-train --help)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + __doc__.split("\n\n")[1],
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file of config fields by their names "
@@ -315,7 +316,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         else:
             if "choices" not in options:
                 options.setdefault("metavar", f.name.upper())
-            parser.add_argument(flag, dest=f.name, type=lambda text, t=hints[f.name], n=flag: _checked(t, text, n),
+            flags = (flag, "--run") if f.name == "run_name" else (flag,)  # --run as birdie-eval names it
+            parser.add_argument(*flags, dest=f.name, type=lambda text, t=hints[f.name], n=flag: _checked(t, text, n),
                                 **options)
     given = vars(parser.parse_args(argv))
     config_path = given.pop("config", None)

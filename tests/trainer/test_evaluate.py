@@ -271,6 +271,14 @@ def test_birdie_eval_cli_on_a_checkpoint(server, run_name, tmp_path, capsys):
         eval_main([str(tmp_path / "ckpt" / "step_00000004.pt"), "--server-url", server.url, "--run", "no-such-run", "--quiet"])
     assert exit_info.value.code == 1
     assert "no-such-run" in capsys.readouterr().err
+    # A checkpoint whose run the server does not know: the error says how to name another run.
+    saved = torch.load(tmp_path / "ckpt" / "step_00000004.pt", weights_only=False)
+    torch.save({**saved, "run": "gone"}, tmp_path / "gone.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([str(tmp_path / "gone.pt"), "--server-url", server.url, "--quiet"])
+    assert exit_info.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "'gone'" in line and line.endswith("(the run the checkpoint trained on; --run NAME evaluates on another)")
 
 
 def test_birdie_eval_help_names_the_servers_url_and_token_variables(capsys):

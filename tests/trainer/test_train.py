@@ -317,12 +317,19 @@ def test_config_from_yaml_then_flags(tmp_path):
     assert parse_args(["--eval-steps", "[1, 2]"]).eval_steps == [1, 2]
     assert parse_args(["--server-url", "http://h:1/{x"]).server_url == "http://h:1/{x"
     assert parse_args(["--steps", "none"]).steps is None
+    # --run names the run as birdie-eval's flag does (a prefix of --run-name and --run-seed before)
+    assert parse_args(["--run", "ablation", "--run-seed", "3"]).run_name == "ablation"
 
 
 def test_config_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--lr", "fast"])
     assert "--lr: expected float" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a usage line and the error, not every field's flag
+        parse_args(["--wrong"])
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: birdie-train [--config FILE] [--FIELD VALUE ...]  (every field: birdie-train --help)",
+        "birdie-train: error: unrecognized arguments: --wrong"]
     for flags, message in ((["--eval-steps", "[1, 2"], "--eval-steps: expected a YAML list"),
                            (["--lr", "none"], "--lr: expected float"),
                            (["--model-options", "[1]"], "--model-options: expected a YAML dict")):
