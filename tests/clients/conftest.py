@@ -1,4 +1,4 @@
-"""Fixtures for the client tests: a stand-in objective server on a free loopback port."""
+"""Fixtures for the client tests: a stand-in objective server on a loopback port reserved for it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def server():
     try:
         yield fake
     finally:
-        fake.stop()
+        fake.close()
 
 
 @pytest.fixture
@@ -23,4 +23,4 @@ def down_server():
     try:
         yield fake
     finally:
-        fake.stop()
+        fake.close()

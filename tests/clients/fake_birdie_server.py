@@ -6,7 +6,8 @@ their idempotency key (run, step, rank, split). Tests inject faults per route: a
 Retry-After, a slow answer, a dropped connection, or "process the request, then answer with an
 error" (the client never learns it went through, so it re-sends: a duplicate). `stop()`/`start()`
 take the listener down and up on the same port while the state survives, like a server restart
-with a persistent store. Every request is recorded, so tests can check what was re-sent.
+with a persistent store; the port stays reserved for the server until `close()`, so no other
+process can take it while the server is down. Every request is recorded, so tests can check what was re-sent.
 
 Plain HTTP/1.0 (one connection per request) keeps "down" truly down: no kept-alive connection
 outlives `stop()`.
@@ -36,10 +37,20 @@ OBJECTIVES = ("next_token", "copying.len64", "infilling.r15.s3")
 FAMILIES = {"next_token": "next_token", "copying.len64": "copying", "infilling.r15.s3": "infilling"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def reserve_port() -> socket.socket:
+    """A free loopback port, held: a socket bound to it (SO_REUSEADDR) that never listens.
+
+    While it is open no other process can bind the port or take it as a connection's local port,
+    yet connecting to it is refused (nothing listens), and a server of ours that binds it with
+    SO_REUSEADDR (http.server and uvicorn both do) can listen on it. Choosing a port, closing it
+    and binding it later leaves a window in which another process can take it; a port that must
+    survive a server's restart (its clients keep the URL) cannot be swapped for another either.
+    The port is `reservation.getsockname()[1]`; close the socket to give it up.
+    """
+    reservation = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.bind(("127.0.0.1", 0))
+    return reservation
 
 
 def batch_arrays(step: int, rank: int, world_size: int, split: str, key: int, shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -85,7 +96,8 @@ class Seen:
 
 class FakeBirdieServer:
     def __init__(self, *, port: int | None = None, token: str | None = None, shape: tuple[int, int] = (2, 16)) -> None:
-        self.port = port or free_port()
+        self._reservation = reserve_port() if port is None else None
+        self.port = port or self._reservation.getsockname()[1]
         self.token = token
         self.shape = shape
         self.ready = True
@@ -112,10 +124,18 @@ class FakeBirdieServer:
         return self
 
     def stop(self) -> None:
+        """Take the listener down (connections are refused); the port stays ours for start()."""
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+    def close(self) -> None:
+        """Stop for good and give the port up."""
+        self.stop()
+        if self._reservation is not None:
+            self._reservation.close()
+            self._reservation = None
 
     def start_after(self, seconds: float) -> threading.Timer:
         timer = threading.Timer(seconds, self.start)
@@ -126,7 +146,7 @@ class FakeBirdieServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
     # fault injection and records
 
@@ -305,6 +325,7 @@ def json_response(status: int, body: Any) -> tuple[int, str, bytes]:
 
 class _Listener(ThreadingHTTPServer):
     daemon_threads = True
+    allow_reuse_address = True  # binds the port its reservation holds (and again after a restart)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that gave up (timeout) before a slow answer was written is expected here.
@@ -367,4 +388,4 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
     return predicate()
 
 
-__all__ = ["FakeBirdieServer", "Fault", "RUN", "OBJECTIVES", "batch_arrays", "free_port", "wait_until"]
+__all__ = ["FakeBirdieServer", "Fault", "RUN", "OBJECTIVES", "batch_arrays", "reserve_port", "wait_until"]

@@ -26,7 +26,7 @@ from clients.iterator import BatchIterator  # noqa: E402
 from clients.losses import LossPoster  # noqa: E402
 from clients.models import LossPostBody  # noqa: E402
 from clients.wire import FIELDS  # noqa: E402
-from fake_birdie_server import free_port, wait_until  # noqa: E402
+from fake_birdie_server import reserve_port, wait_until  # noqa: E402
 from objective_server.app import create_app  # noqa: E402
 from objective_server.corpus import prepare_corpus  # noqa: E402
 from objective_server.corpus.default import StdlibDocstrings, stdlib_root  # noqa: E402
@@ -49,11 +49,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class ThreadedServer:
-    """The app on uvicorn in a background thread; stop() and start() keep the port."""
+    """The app on uvicorn in a background thread; stop() and start() keep the port, which stays
+    reserved until release() (no other process can take it between a stop and the next start)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.port = free_port()
+        self._reservation = reserve_port()
+        self.port = self._reservation.getsockname()[1]
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -77,6 +79,10 @@ class ThreadedServer:
             self._thread.join(30)
             self._server = None
 
+    def release(self) -> None:
+        self.stop()
+        self._reservation.close()
+
 
 @pytest.fixture
 def live(corpus: Path, tmp_path: Path, redis_server):
@@ -95,7 +101,7 @@ def live(corpus: Path, tmp_path: Path, redis_server):
     started: list[ThreadedServer] = []
     yield make
     for server in started:
-        server.stop()
+        server.release()
 
 
 def validation_post(step: int, rank: int, names: list[str]) -> LossPostBody:
