@@ -24,7 +24,7 @@ from clients.client import AuthenticationError, BirdieClient, NotFoundError, Tra
 from clients.iterator import BatchIterator
 from clients.losses import LossPoster
 from clients.models import LossPostBody
-from clients.wire import FIELDS
+from clients.wire import FIELDS, decode_json
 from fake_birdie_server import reserve_port, wait_until
 from objective_server.app import create_app
 from objective_server.corpus import prepare_corpus
@@ -279,3 +279,68 @@ def test_mixture_plot_draws_the_history_and_its_evaluations(live, tmp_path) -> N
         coloured = (abs(panel[..., 0] - panel[..., 1]) + abs(panel[..., 1] - panel[..., 2])) > 0.2
         assert coloured.mean() > 0.001  # grey grid and text do not count; an empty panel has none
 
+
+def test_torch_dataset_yields_the_servers_batches(live) -> None:
+    import torch
+
+    from clients.torch_data import BirdieIterableDataset
+
+    server = live()
+    dataset = BirdieIterableDataset(server.url, RUN, start_step=2, end_step=5, rank=1, world_size=2, prefetch=2, **FAST)
+    items = list(dataset)
+    assert [int(item["step"]) for item in items] == [2, 3, 4]
+    with BirdieClient(server.url, **FAST) as client:
+        for item in items:
+            direct = client.batch(RUN, int(item["step"]), rank=1, world_size=2)
+            assert set(item) == {*FIELDS, "step"}
+            for name in FIELDS:
+                tensor = item[name]
+                assert tensor.dtype == torch.int32 and tuple(tensor.shape) == (2, 128), (name, tensor.shape)
+                assert tensor.numpy().tobytes() == direct[name].tobytes(), name
+            assert (item["label_ids"] != -100).any() and (item["attention_mask"] != 0).any()
+
+
+def test_cli_objectives_runs_and_batch_json_against_the_real_server(live) -> None:
+    server = live()
+    runner = CliRunner()
+    env = {"BIRDIE_SERVER_URL": server.url, "COLUMNS": "200"}
+
+    def birdie(*args: str) -> str:
+        result = runner.invoke(birdie_cli, list(args), env=env)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    with BirdieClient(server.url, **FAST) as client:
+        info = client.run(RUN)
+        names = [o.name for o in info.objectives]
+
+        # objectives: the run's configurations, as a table and as the server's JSON
+        table = birdie("objectives", "--run", RUN)
+        assert all(name in table for name in names), table
+        listed = json.loads(birdie("objectives", "--run", RUN, "--json"))
+        assert [o["name"] for o in listed] == names
+        assert listed == [o.model_dump(mode="json") for o in client.objectives(run=RUN)]
+        # Without --run: every preset's configurations (at the presets' own lengths, so other names),
+        # the run's families among them.
+        every = json.loads(birdie("objectives", "--json"))
+        assert {o.family for o in info.objectives} <= {o["family"] for o in every}
+
+        # runs RUN: the run in full
+        shown = birdie("runs", RUN)
+        assert RUN in shown and f"vocab {info.vocab_size}" in shown and "eval steps: 4, 8" in shown
+        assert all(name in shown for name in names), shown
+        assert json.loads(birdie("runs", RUN, "--json")) == info.model_dump(mode="json")
+
+        # batch --json: the arrays and the address round-trip
+        served = client.batch(RUN, step=3, rank=1, world_size=2)
+        data = json.loads(birdie("batch", RUN, "--step", "3", "--rank", "1", "--world-size", "2", "--json"))
+        assert (data["run"], data["split"], data["step"], data["rank"], data["world_size"]) == (RUN, "train", 3, 1, 2)
+        printed = decode_json(data)
+        assert printed.shape == (2, 128) and printed.objectives == served.objectives
+        for name in FIELDS:
+            np.testing.assert_array_equal(printed[name], served[name])
+        validation = json.loads(birdie("batch", RUN, "--objective", names[0], "--json"))
+        direct = client.validation_batch(RUN, names[0])
+        assert validation["split"] == "validation"
+        for name in FIELDS:
+            np.testing.assert_array_equal(decode_json(validation)[name], direct[name])
