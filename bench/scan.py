@@ -352,12 +352,14 @@ def sweep(args, copy_gbps) -> list[Record]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--lengths", type=int, nargs="+")
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to time (default: cuda when there is a GPU)")
+    parser.add_argument("--batch", type=int, help="B (default: 8 on CUDA, 2 on CPU)")
+    parser.add_argument("--lengths", type=int, nargs="+", help="the T values, one table each (default: 1024 4096 16384)")
+    parser.add_argument("--width", type=int, help="D (default: 2048 on CUDA, 512 on CPU)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
+                        help="x and h types; the gates are fp32 (default: %(default)s)")
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement (default: 1.0)")
     parser.add_argument("--sweep", action="store_true", help="CUDA: time every kernel tile")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                         help="which implementations to time (default: all that apply)")

@@ -20,9 +20,11 @@ from trainer.scan.op import _linear_scan_backward_op, _scan  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=[8, 4096, 2048], metavar=("B", "T", "D"))
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=3, default=[8, 4096, 2048], metavar=("B", "T", "D"),
+                        help="the inputs' shape (default: 8 4096 2048)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="x and h types; the gates are fp32 (default: fp32 bf16)")
     parser.add_argument("--split", type=int, help="channels scanned left to right (default: all)")
     args = parser.parse_args()
     batch, length, width = args.shape

@@ -225,17 +225,24 @@ def ms(values: np.ndarray, q: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=6.0, help="measured time per row")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--formats", nargs="+", default=["arrow", "json"], choices=["arrow", "json"])
-    ap.add_argument("--stores", nargs="+", default=["memory", "redis"], choices=["memory", "redis"])
+    ap.add_argument("--seconds", type=float, default=6.0, help="measured time per row (default: %(default)s)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16],
+                    help="concurrent clients (trainer ranks) asking for batches, one table row per value (default: %(default)s)")
+    ap.add_argument("--formats", nargs="+", default=["arrow", "json"], choices=["arrow", "json"],
+                    help="wire formats to time (default: %(default)s)")
+    ap.add_argument("--stores", nargs="+", default=["memory", "redis"], choices=["memory", "redis"],
+                    help="run stores to time; redis starts a redis-server (default: %(default)s)")
     ap.add_argument("--redis-workers", type=int, default=2,
-                    help="uvicorn workers of the Redis-backed server (the in-process store serves one)")
-    ap.add_argument("--generation-workers", type=int, default=2)
+                    help="uvicorn workers of the Redis-backed server (the in-process store serves one; "
+                         "default: %(default)s)")
+    ap.add_argument("--generation-workers", type=int, default=2,
+                    help="batch-generation workers per server process (default: %(default)s)")
     ap.add_argument("--executor", default="auto", choices=["auto", "process", "thread"],
-                    help="generation pool; auto: processes for one worker, threads for several")
-    ap.add_argument("--prefetch-depth", type=int, default=2)
-    ap.add_argument("--loss-posts", type=int, default=50)
+                    help="generation pool; auto: processes for one worker, threads for several (default: auto)")
+    ap.add_argument("--prefetch-depth", type=int, default=2,
+                    help="steps of the same rank the server generates ahead of each one asked (default: %(default)s)")
+    ap.add_argument("--loss-posts", type=int, default=50,
+                    help="POST /losses calls timed per store (default: %(default)s)")
     ap.add_argument("--corpus", help="a prepared token store (default: the embedded default corpus)")
     args = ap.parse_args()
 
