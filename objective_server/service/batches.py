@@ -18,6 +18,7 @@ its mixture may not be decided yet: StoreUnavailable (503).
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -196,9 +197,12 @@ class BatchService:
     def _objective_id(self, context: RunContext, objective: str) -> int:
         objective_id = context.objective_ids.get(objective)
         if objective_id is None:
+            close = difflib.get_close_matches(objective, context.names, n=3, cutoff=0.6)
+            listed = (f"; it has {len(context.names)}: {', '.join(context.names)}" if len(context.names) <= 8 else
+                      f"; it has {len(context.names)} (GET /objectives?run={context.name} lists them)")
             raise UnknownObjective(
-                f"run {context.name!r} has no objective configuration {objective!r}; it has "
-                f"{len(context.names)}: {', '.join(context.names)}"
+                f"run {context.name!r} has no objective configuration {objective!r}"
+                + (f"; did you mean {' or '.join(close)}?" if close else "") + listed
             )
         return objective_id
 

@@ -167,12 +167,19 @@ async def test_validation_batches_are_fixed_held_out_and_in_the_training_format(
     assert not any((row == t).all() for row in val["input_ids"] for t in train)
 
     for params, message in [
-        ({"objective": "infilling.nope"}, "has no objective configuration"),
+        ({"objective": "infilling.nope"}, "has no objective configuration 'infilling.nope'; it has 7: "
+                                          + ", ".join(names)),
+        ({"objective": names[0][:-1]}, f"; did you mean {names[0]}"),
         ({}, "objective=NAME"),
         ({"objective": names[0], "index": 2}, "validation batches 0..1"),
     ]:
         response = await client.get("/batch", params={"run": "small", "split": "validation", **params})
         assert response.status_code == 422 and message in response.json()["detail"], response.text
+    # A run of many configurations points to their list instead of printing it in one line.
+    await client.post("/runs", json=run_config("many", preset="birdie", seq_len=512))
+    response = await client.get("/batch", params={"run": "many", "split": "validation", "objective": "copying"})
+    assert response.status_code == 422
+    assert response.json()["detail"].endswith("(GET /objectives?run=many lists them)"), response.text
 
 
 async def test_mixture_changes_apply_from_the_step_after_the_highest_served(app_client):
