@@ -22,6 +22,11 @@ from redis_server import free_loopback_port
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 60.0
+PORT_TRIES = 5
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its port: another process holds it."""
 
 
 class LiveServer:
@@ -46,6 +51,7 @@ class LiveServer:
         self.workers = workers
         self.token = token
         self.port = free_loopback_port()
+        self._port_chosen_here = True  # until the first start binds it; a restart keeps its port
         self._process: subprocess.Popen | None = None
         self._client: httpx.Client | None = None
 
@@ -64,6 +70,20 @@ class LiveServer:
     def start(self) -> None:
         if self._process is not None and self._process.poll() is None:
             raise RuntimeError("server already running")
+        for attempt in range(PORT_TRIES):
+            try:
+                self._start_once()
+                break
+            except PortTaken:
+                # Another process took the free port between choosing and binding it: a port we
+                # picked ourselves can be swapped before the first start (a restart keeps its port).
+                if not self._port_chosen_here or attempt == PORT_TRIES - 1:
+                    raise
+                self.port = free_loopback_port()
+        self._port_chosen_here = False
+
+    def _start_once(self) -> None:
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -72,15 +92,49 @@ class LiveServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
+                output = self.log_path.read_text(errors="replace")[log_start:]
+                if "address already in use" in output.lower():
+                    raise PortTaken(f"port {self.port} was taken before the server bound it:\n{output[-2000:]}")
                 raise RuntimeError(f"server exited with {self._process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+            # Up when our own process listens on the port and answers: a 200 from whatever else
+            # holds the port (a server of another test that took it first) does not count.
+            if self._listening():
+                try:
+                    if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
             time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"server not up after {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def _listening(self) -> bool:
+        """Whether the server's process holds a listening TCP socket on our port (Linux /proc; where
+        there is none, whether the process is alive)."""
+        tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+        if not tables[0].exists():
+            return self._process.poll() is None
+        inodes = set()
+        for table in tables:
+            try:
+                rows = table.read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for row in rows:
+                fields = row.split()  # sl local_address rem_address st ... inode
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == self.port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+        try:
+            fds = list(Path(f"/proc/{self._process.pid}/fd").iterdir())
+        except OSError:
+            return False  # exited meanwhile
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    return True
+            except OSError:
+                continue
+        return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
