@@ -5,6 +5,7 @@ that post duplicates and retries."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from clients.wire import decode_arrow
 from objective_server.corpus.store import TokenStore
-from objective_server.store import LossPost, RedisRunStore
+from objective_server.store import Aggregate, LossPost, RedisRunStore
 from server.conftest import run_config, server_env, write_runs
 
 POLICY_FACTORY = "policies_for_tests:app"
@@ -126,8 +127,7 @@ def test_concurrent_ranks_with_duplicates_and_retries_are_counted_exactly_once(
         list(pool.map(trainer_rank, range(world)))
     assert len(accepted) == world * steps
 
-    # Draining is throttled for training aggregates (consumed without a policy update).
-    time.sleep(0.3)
+    # Training totals are written by the post itself: all there once every post is answered.
     state = mixture(server)
     totals = state["meta"]["train_totals"]
     assert {n: (t["tokens"], t["posts"]) for n, t in totals.items()} == {
@@ -156,6 +156,75 @@ def test_concurrent_ranks_with_duplicates_and_retries_are_counted_exactly_once(
 
     assert server.post("/losses", content=chunks(), headers={"Content-Type": "application/json"}).status_code == 413
     assert mixture(server)["meta"]["train_totals"] == totals
+
+
+def test_each_training_step_updates_a_step_wise_policy_exactly_once_across_ranks_and_workers(
+    redis_server, live_server, corpus_path, tmp_path
+):
+    """exp3 plays a round on every training step (update_every=1). 4 ranks train 6 steps against 2
+    uvicorn workers sharing Redis, each post sent twice at once; the run's policy state must be
+    exactly that of replaying the steps' aggregates once each, in order."""
+    from objective_server.policies.exp3 import Exp3Policy
+    from objective_server.runs import RunConfig
+
+    runs = write_runs(tmp_path / "runs.yaml", run_config(policy={"name": "exp3", "options": {"update_every": 1}}))
+    server = live_server(server_env(corpus_path, runs, redis_server.url), workers=2)
+    names = names_of(server)
+    world, steps = 4, 6
+    answers: list[dict] = []
+    lock = threading.Lock()
+
+    def body(rank: int, step: int) -> dict:
+        # Quarter losses and small token counts: the sums are exact whatever order the ranks add in.
+        picked = sorted({names[(rank + step) % len(names)], names[(2 * rank + 3 * step + 1) % len(names)]})
+        return {"run": "small", "step": step, "rank": rank, "world_size": world, "split": "train",
+                "losses": {n: 1.0 + ((rank + step + i) % 12) / 4 for i, n in enumerate(picked)},
+                "tokens": {n: 8 + rank + 2 * step + i for i, n in enumerate(picked)}}
+
+    def trainer_rank(rank: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as client, \
+                httpx.Client(base_url=server.url, timeout=60) as racer, ThreadPoolExecutor(2) as both:
+            for step in range(steps):
+                batch = client.get("/batch", params={"run": "small", "rank": rank, "world_size": world, "step": step})
+                assert batch.status_code == 200, batch.text
+                responses = list(both.map(lambda c: c.post("/losses", json=body(rank, step)), (client, racer)))
+                assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+                with lock:
+                    answers.extend({**r.json(), "step": step} for r in responses)
+
+    with ThreadPoolExecutor(world) as pool:
+        list(pool.map(trainer_rank, range(world)))
+
+    for step in range(steps):
+        mine = [a for a in answers if a["step"] == step]
+        assert sorted(a["status"] for a in mine) == ["accepted"] * world + ["duplicate"] * world
+        completing = [a for a in mine if a["completed"]]
+        assert len(completing) == 1 and completing[0]["policy_updated"], completing
+
+    # What the policy must have done: each step's aggregate, once, in step order.
+    config = RunConfig.model_validate(server.get("/runs/small").json()["config"])
+    policy = Exp3Policy(config, update_every=1)
+    expected = policy.initial_state()
+    for step in range(steps):
+        loss_sums: dict[str, float] = {}
+        token_sums: dict[str, int] = {}
+        for rank in range(world):
+            b = body(rank, step)
+            for n, t in b["tokens"].items():
+                loss_sums[n] = loss_sums.get(n, 0.0) + b["losses"][n] * t
+                token_sums[n] = token_sums.get(n, 0) + t
+        expected = policy.update(expected, Aggregate.from_sums("train", step, world, loss_sums, token_sums)).state
+    state = mixture(server)
+    assert state["meta"]["policy_state"] == policy.describe(expected)
+    assert state["meta"]["policy_state"]["history_length"] == steps and state["meta"]["policy_state"]["last_step"] == steps - 1
+    assert state["probabilities"] == pytest.approx(dict(zip(names, json.loads(expected)["probabilities"])), rel=1e-12)
+    assert state["version"] == steps and state["meta"]["policy_version"] == steps
+    history = server.get("/mixture/history", params={"run": "small"}).json()
+    assert [m["meta"].get("round") for m in history["mixtures"]] == [None, *range(1, steps + 1)]
+    assert [m["created_at_step"] for m in history["mixtures"]] == [None, *range(steps)]
+    metrics = server.get("/metrics").text  # both workers' counters, added up
+    assert f'birdie_policy_updates_total{{run="small",split="train"}} {float(steps)}' in metrics
+    assert f'birdie_mixtures_published_total{{run="small"}} {float(steps)}' in metrics
 
 
 # --- replay ----------------------------------------------------------------------------------------
@@ -199,6 +268,7 @@ def test_replay_is_byte_identical_across_restarts_and_replicas(redis_server, liv
     assert big.status_code == 201, big.text
     refused = b.get("/batch", params={"run": "big", "step": 0})
     assert refused.status_code == 413 and "1024" in refused.json()["detail"]
+    assert a.get("/runs/big").json()["max_served"] == -1  # refused before the step was marked served
 
     a.restart()
     for (rank, step), content in served.items():
