@@ -51,6 +51,7 @@ class LocalServer:
     def __init__(self, log_path: str | Path, env: dict[str, str] | None = None, port: int | None = None,
                  start_timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
         self.log_path = Path(log_path)
+        self.chosen_port = port is None  # ours to change if another process binds it first
         self.port = port or free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BIRDIE_") or k == "BIRDIE_CACHE"}
         self.env.update(env or {})
@@ -61,7 +62,21 @@ class LocalServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> LocalServer:
+    def start(self, bind_attempts: int = 5) -> LocalServer:
+        """Start and wait until it answers. A free port another process takes before the server
+        binds it is replaced by another (when the port was not given)."""
+        for attempt in range(bind_attempts):
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._start_once()
+            except RuntimeError:
+                lost_port = "address already in use" in self.log_tail(since=log_start).lower()
+                if not (lost_port and self.chosen_port and attempt + 1 < bind_attempts):
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> LocalServer:
         import httpx
 
         # This interpreter, so the server runs with the caller's packages whether installed or not.
@@ -86,8 +101,13 @@ class LocalServer:
         self.stop()
         raise RuntimeError(f"the objective server did not answer within {self.start_timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+    def log_tail(self, chars: int = 4000, since: int = 0) -> str:
+        """The end of the server's log, from byte `since` on."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log:
+            log.seek(since)
+            return log.read().decode(errors="replace")[-chars:]
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM to the server's process group (graceful), SIGKILL if it does not end in time."""

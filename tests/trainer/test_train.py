@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import httpx
 import pytest
 import torch
 
@@ -551,3 +552,21 @@ def test_main_job_end_to_end(tmp_path, capsys):
     assert len(report["evaluation"]["validation"]["loss"]) == len(report["config"]["run"]["arms"])
     assert (tmp_path / "tiny" / "report.png").stat().st_size > 10_000
     assert (tmp_path / "tiny" / "checkpoints" / "step_00000012.pt").exists()
+
+
+def test_local_server_moves_to_another_port_when_its_free_port_is_taken_first(tmp_path):
+    """The main job's server picks a free port, then binds it: another process can take it in
+    between. The server must then move to another port, not fail the job."""
+    import socket
+
+    from trainer.main_job import LocalServer
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        server = LocalServer(tmp_path / "server.log")
+        server.port = squatter.getsockname()[1]  # as if taken between choosing and binding
+        with server:
+            assert server.port != squatter.getsockname()[1]
+            assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+        assert "address already in use" in server.log_tail().lower()
