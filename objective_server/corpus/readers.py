@@ -168,6 +168,8 @@ def read_json_lines(path: Path, *, text_field: str = "text") -> Iterator[str]:
             raise CorpusError(
                 f"{path}:{lineno}: malformed JSON ({e.msg}: column {e.colno}){hint}"
             ) from None
+        except RecursionError:
+            raise CorpusError(f"{path}:{lineno}: malformed JSON (nested too deeply)") from None
         if not isinstance(record, dict):
             raise CorpusError(
                 f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}"
@@ -180,6 +182,13 @@ def read_json_lines(path: Path, *, text_field: str = "text") -> Iterator[str]:
             raise CorpusError(
                 f"{path}:{lineno}: field {text_field!r} is {_json_type(value)}, expected a string"
             )
+        try:
+            value.encode("utf-8")  # JSON can escape half a surrogate pair; no tokenizer takes it
+        except UnicodeEncodeError as e:
+            raise CorpusError(
+                f"{path}:{lineno}: field {text_field!r} is not valid Unicode (an unpaired "
+                f"surrogate, \\u{ord(value[e.start]):04x})"
+            ) from None
         yield value
 
 
@@ -216,10 +225,26 @@ def read_parquet(path: Path, *, text_field: str = "text") -> Iterator[str]:
                 raise CorpusError(
                     f"{path}: row {first_null}: column {text_field!r} is null, expected a string"
                 )
-            yield from column.to_pylist()
+            try:
+                texts = column.to_pylist()
+            except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8
+                raise CorpusError(
+                    f"{path}: row {row + _first_undecodable(column)}: column {text_field!r} is "
+                    "not UTF-8 text"
+                ) from None
+            yield from texts
             row += len(column)
     except (pa.ArrowException, OSError) as e:
         raise CorpusError(f"{path}: cannot read row batch at row {row} ({e})") from None
+
+
+def _first_undecodable(column: Any) -> int:
+    for i in range(len(column)):
+        try:
+            column[i].as_py()
+        except UnicodeDecodeError:
+            return i
+    return 0
 
 
 @dataclass(frozen=True)

@@ -289,3 +289,32 @@ def test_empty_input(tmp_path: Path) -> None:
 def test_empty_text_field_name(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "a.jsonl", ["x"])
     assert "text field name must not be empty" in error_of(path, text_field="")
+
+
+# ---- text that is not valid Unicode, inputs that are not what they seem ---------------------------
+
+
+def test_json_escape_of_a_lone_surrogate(tmp_path: Path) -> None:
+    """JSON can spell a string no UTF-8 encodes ("\\ud800"); it must fail at its line, not as a
+    UnicodeEncodeError out of the tokenizer trainer."""
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "fine \\ud83d\\ude00"}\n{"text": "bad \\ud800 half"}\n')
+    assert error_of(path) == (
+        f"{path}:2: field 'text' is not valid Unicode (an unpaired surrogate, \\ud800)"
+    )
+
+
+def test_json_nested_too_deep(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "x", "junk": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    assert error_of(path).startswith(f"{path}:2: malformed JSON (nested too deeply")
+
+
+def test_parquet_string_that_is_not_utf8(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "a.parquet"
+    values = pa.array([b"fine", b"also fine", b"bad \xff byte"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": values}), path)
+    assert error_of(path) == f"{path}: row 2: column 'text' is not UTF-8 text"
