@@ -12,12 +12,14 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from objective_server.corpus import manifest as layout
 from objective_server.corpus.errors import CorpusError
 
 # Buffer size of the line readers and rows per Parquet batch: memory use is bounded by these
@@ -70,9 +72,9 @@ def _is_corpus_file(path: Path) -> bool:
 def corpus_files(inputs: Sequence[str | Path]) -> list[Path]:
     """The files to read, in order: inputs as given; a folder's files recursively, sorted.
 
-    Inside a folder, hidden entries (name starting with '.') and files of other types are left
-    out (a folder of data often holds a README or a lock file); a file named explicitly must be
-    of a supported type.
+    Inside a folder, hidden entries (name starting with '.'), prepared corpora and files of
+    other types are left out (a folder of data often holds a README or a lock file); a file
+    named explicitly must be of a supported type. A file listed twice is a CorpusError.
     """
     if not inputs:
         raise CorpusError("no corpus input given")
@@ -82,16 +84,10 @@ def corpus_files(inputs: Sequence[str | Path]) -> list[Path]:
         if not path.exists():
             raise CorpusError(f"{path}: no such file or directory")
         if path.is_dir():
-            found = sorted(
-                (
-                    f
-                    for f in path.rglob("*")
-                    if f.is_file()
-                    and not any(part.startswith(".") for part in f.relative_to(path).parts)
-                    and _is_corpus_file(f)
-                ),
-                key=lambda f: f.relative_to(path).parts,
-            )
+            if _is_prepared_corpus(path):
+                raise CorpusError(f"{path}: is a prepared corpus (prepare's output), not corpus "
+                                  "input; give the files it was prepared from")
+            found = sorted(_folder_files(path), key=lambda f: f.relative_to(path).parts)
             if not found:
                 raise CorpusError(
                     f"{path}: folder holds no corpus files ({', '.join(SUPPORTED_EXTENSIONS)})"
@@ -102,7 +98,41 @@ def corpus_files(inputs: Sequence[str | Path]) -> list[Path]:
             files.append(path)
         else:
             raise CorpusError(f"{path}: not a regular file or folder")
+    _check_each_file_once(files)
     return files
+
+
+def _is_prepared_corpus(folder: Path) -> bool:
+    return (folder / layout.MANIFEST_FILE).is_file() and any(
+        (folder / layout.tokens_file(split)).is_file() for split in layout.SPLITS)
+
+
+def _folder_files(root: Path) -> Iterator[Path]:
+    """Corpus files under `root`, not in hidden folders or prepared corpora (a store prepared
+    into its own input folder must not be read as input the next time); symlinked folders are
+    not followed (no loops)."""
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")
+                         and not _is_prepared_corpus(Path(folder, d))]
+        for name in names:
+            f = Path(folder, name)
+            if not name.startswith(".") and f.is_file() and _is_corpus_file(f):
+                yield f
+
+
+def _check_each_file_once(files: Sequence[Path]) -> None:
+    """CorpusError for a file listed twice (given twice, inside a given folder too, or reached
+    through a link)."""
+    seen: dict[tuple[int, int], Path] = {}
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError as e:
+            raise CorpusError(f"{f}: cannot read ({_reason(e)})") from None
+        first = seen.setdefault((st.st_dev, st.st_ino), f)
+        if first is not f:
+            raise CorpusError(f"{f}: the same file as {first}; give each input once (read twice, "
+                              "its documents could land in both splits)")
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:

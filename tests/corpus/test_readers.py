@@ -318,3 +318,28 @@ def test_parquet_string_that_is_not_utf8(tmp_path: Path) -> None:
     values = pa.array([b"fine", b"also fine", b"bad \xff byte"], pa.binary()).view(pa.string())
     pq.write_table(pa.table({"text": values}), path)
     assert error_of(path) == f"{path}: row 2: column 'text' is not UTF-8 text"
+
+
+def test_an_input_given_twice_is_refused(tmp_path: Path) -> None:
+    """Read twice, a file's documents would land in both splits (validation = training data)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    a = write_jsonl(root / "a.jsonl", ["one", "two"])
+    twice = "; give each input once (read twice, its documents could land in both splits)"
+    assert error_of(a, a) == f"{a}: the same file as {a}{twice}"
+    assert error_of(root, a) == f"{a}: the same file as {a}{twice}"
+    (root / "link.jsonl").symlink_to("a.jsonl")
+    assert error_of(root) == f"{root / 'link.jsonl'}: the same file as {a}{twice}"
+
+
+def test_a_prepared_corpus_inside_an_input_folder_is_not_input(tmp_path: Path) -> None:
+    """`prepare data --out data/prepared` works; the next prepare of data must not read the
+    store's manifest.json and tokenizer.json as JSON Lines."""
+    from objective_server.corpus.prepare import prepare_corpus
+
+    root = tmp_path / "data"
+    root.mkdir()
+    write_jsonl(root / "a.jsonl", english_documents(30))
+    prepare_corpus([root], root / "prepared", vocab_size=600)
+    assert corpus_files([root]) == [root / "a.jsonl"]
+    assert "is a prepared corpus" in error_of(root / "prepared")
