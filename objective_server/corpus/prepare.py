@@ -370,6 +370,31 @@ def _check_options(
         raise CorpusError(f"tokenizer sample size must be positive, got {sample_bytes}")
 
 
+def _check_out(out: Path, overwrite: bool, source: DocumentSource) -> None:
+    """Refuse, before any work, an `out` that exists (unless `overwrite`), one whose replacement
+    would delete an input, and one that cannot be created under a file."""
+    if out.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out}: already exists (--overwrite replaces it)")
+        # What --overwrite deletes: `out` itself (a link, not what it points to) and what it holds.
+        replaced = out.parent.resolve() / out.name
+        for f in source.files if isinstance(source, FileSource) else ():
+            for where in (f.resolve(), f.parent.resolve() / f.name):
+                if where == replaced or replaced in where.parents:
+                    raise CorpusError(f"{out}: --overwrite would delete the input {f}; "
+                                      "prepare into another folder")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise CorpusError(f"{out}: cannot be created, {ancestor} is not a folder")
+
+
+def _write_error(e: OSError, out: Path) -> CorpusError:
+    where = e.filename if e.filename is not None else out
+    return CorpusError(f"{where}: cannot write ({e.strerror or e})")
+
+
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -428,8 +453,7 @@ def prepare_corpus(
                                     txt_docs_per_file=txt_docs_per_file)
     )
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists (--overwrite replaces it)")
+    _check_out(out, overwrite, source)
 
     added: list[str] = []
     if tokenizer is not None:
@@ -452,8 +476,11 @@ def prepare_corpus(
     if workers is None:
         workers = 1 if scan.n_chars < POOL_MIN_CHARS else (os.cpu_count() or 1)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as e:
+        raise _write_error(e, out) from None
     try:
         tokenizer_json = tok.to_str(pretty=True).encode()
         (tmp / layout.TOKENIZER_FILE).write_bytes(tokenizer_json)
@@ -485,6 +512,9 @@ def prepare_corpus(
         # Written last: a folder without a manifest is never mistaken for a prepared corpus.
         (tmp / layout.MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         _move_into_place(tmp, out, overwrite)
+    except OSError as e:  # reading errors are CorpusErrors already: this is the output
+        _remove_tree(tmp)
+        raise _write_error(e, out) from None
     except BaseException:
         _remove_tree(tmp)
         raise

@@ -381,3 +381,59 @@ def test_summary(tmp_path: Path) -> None:
     assert summary.tokens_per_second > 0
     text = summary.describe()
     assert f"{summary.n_tokens['train']:,} train" in text and "tokens/s" in text
+
+
+# ---- outputs that would destroy inputs, outputs that cannot be written -------------------------
+
+
+@pytest.mark.parametrize("out_of", [
+    lambda data: data,  # --out the input folder
+    lambda data: data / "a.jsonl",  # --out the input file
+    lambda data: data.parent,  # --out a folder that holds the input
+])
+def test_overwrite_never_replaces_an_input(tmp_path: Path, out_of) -> None:
+    data = tmp_path / "work" / "data"
+    data.mkdir(parents=True)
+    corpus = write_jsonl(data / "a.jsonl", english_documents(20))
+    before = corpus.read_bytes()
+    for inputs in ([data], [corpus]):
+        with pytest.raises(CorpusError, match="would delete the input .*a.jsonl"):
+            prepare_corpus(inputs, out_of(data), vocab_size=SMALL_VOCAB, overwrite=True)
+        assert corpus.read_bytes() == before
+    assert sorted(p.name for p in data.iterdir()) == ["a.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_overwrite_sees_an_input_reached_through_a_link(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    corpus = write_jsonl(data / "a.jsonl", english_documents(20))
+    (tmp_path / "link").symlink_to("data")
+    with pytest.raises(CorpusError, match="would delete the input"):
+        prepare_corpus([tmp_path / "link" / "a.jsonl"], data, vocab_size=SMALL_VOCAB,
+                       overwrite=True)
+    assert corpus.exists()
+    # --out the link itself: replacing it removes the link, not the folder it points to.
+    prepare_corpus([tmp_path / "link" / "a.jsonl"], tmp_path / "link", vocab_size=SMALL_VOCAB,
+                   overwrite=True)
+    assert corpus.exists() and TokenStore.open(tmp_path / "link").manifest["splits"]
+
+
+def test_out_under_a_file_fails_before_any_work(tmp_path: Path) -> None:
+    corpus = write_jsonl(tmp_path / "a.jsonl", english_documents(20))
+    source = ListSource(english_documents(20))
+    with pytest.raises(CorpusError, match=f"{tmp_path / 'a.jsonl'} is not a folder"):
+        prepare_corpus(source, corpus / "sub" / "out", vocab_size=SMALL_VOCAB)
+    assert source.passes == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+def test_a_write_failure_is_a_corpus_error_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    def disk_full(self, tokens, lengths):
+        raise OSError(28, "No space left on device", str(tmp_path / "x.tokens"))
+
+    monkeypatch.setattr(prepare_module._SplitWriter, "append", disk_full)
+    with pytest.raises(CorpusError, match=r"x.tokens: cannot write \(No space left on device\)"):
+        prepare_corpus(ListSource(english_documents(20)), tmp_path / "out",
+                       vocab_size=SMALL_VOCAB)
+    assert list(tmp_path.iterdir()) == []
