@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -90,3 +91,13 @@ def test_long_texts_are_shortened_to_keep_spans_within_sentinels():
     n = objective.raw_length(4096, rng_of(0))
     assert 590 <= n <= 610
     assert span_count(n, 0.5, 3) <= 100 < span_count(n + 1, 0.5, 3)
+
+
+@pytest.mark.parametrize("mean_span, raw, inputs_length, targets_length", [
+    (3, 568, 512, 114), (8, 588, 512, 100), (64, 600, 512, 92), (3, 2274, 2048, 456),
+])
+def test_examples_have_t5_lengths_at_the_golden_values(mean_span, raw, inputs_length, targets_length):
+    # T5's inputs end with EOS where ours start with the paradigm token; its targets add an EOS.
+    ex = Infilling(mean_span=mean_span, rate=0.15, length=raw).build(
+        np.arange(1000, 1000 + raw), rng_of(0), SPECIAL)
+    assert (len(ex.input), len(ex.label) + 1) == (inputs_length, targets_length)
