@@ -120,7 +120,12 @@ def encode_documents(
     tokenizer: Tokenizer, texts: list[str], eod: int, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of `texts`, each followed by `eod`, concatenated; and each document's length."""
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    try:
+        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    except MemoryError:
+        raise
+    except Exception as e:  # tokenizers raises a bare Exception (a loaded tokenizer without [UNK])
+        raise CorpusError(_encode_failure(tokenizer, texts, e)) from None
     lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64,
                           count=len(encodings))
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
@@ -130,6 +135,17 @@ def encode_documents(
         end += length
         tokens[end - 1] = eod
     return tokens, lengths
+
+
+def _encode_failure(tokenizer: Tokenizer, texts: list[str], error: Exception) -> str:
+    """Why `texts` did not encode, naming the first document that fails alone."""
+    for text in texts:
+        try:
+            tokenizer.encode(text, add_special_tokens=False)
+        except Exception as e:
+            shown = text if len(text) <= 60 else text[:57] + "..."
+            return f"the tokenizer cannot encode the document {shown!r} ({e})"
+    return f"the tokenizer cannot encode a chunk of documents ({error})"
 
 
 # ---- worker processes -------------------------------------------------------------------------

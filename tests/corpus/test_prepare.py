@@ -437,3 +437,19 @@ def test_a_write_failure_is_a_corpus_error_and_leaves_nothing(tmp_path: Path, mo
         prepare_corpus(ListSource(english_documents(20)), tmp_path / "out",
                        vocab_size=SMALL_VOCAB)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_given_tokenizer_that_cannot_encode_a_document(tmp_path: Path) -> None:
+    """A word-level tokenizer without an unknown token fails on an unknown word: a CorpusError
+    that shows the document, not the tokenizers library's bare Exception."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"alpha": 0, "beta": 1}))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "given.json"))
+    docs = ["alpha beta", "beta", "alpha delta gamma", "alpha"] * 3
+    with pytest.raises(CorpusError) as info:
+        prepare_corpus(ListSource(docs), tmp_path / "out", tokenizer=tmp_path / "given.json")
+    assert str(info.value) == ("the tokenizer cannot encode the document 'alpha delta gamma' "
+                               "(WordLevel error: Missing [UNK] token from the vocabulary)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["given.json"]
