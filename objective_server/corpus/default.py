@@ -156,16 +156,16 @@ def default_store(cache_dir: str | Path | None = None, *, progress: bool = False
     first rename wins; the others open the winner's store.
     """
     path = default_store_path(cache_dir)
+    broken = False
     if path.exists():
         try:
             return TokenStore.open(path)
         except CorpusError:
             # Broken (a disk problem, a manual edit): renames make a half-written one
             # impossible, so rebuilding it is the fix.
-            prepare_default_corpus(path, overwrite=True, progress=progress)
-            return TokenStore.open(path)
+            broken = True
     try:
-        prepare_default_corpus(path, progress=progress)
+        prepare_default_corpus(path, overwrite=broken, progress=progress)
     except OutputExistsError:
         pass  # another process finished first; its store is as good as ours
     return TokenStore.open(path)

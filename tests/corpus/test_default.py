@@ -136,6 +136,22 @@ def test_losing_the_race_uses_the_winners_store(fake_stdlib: Path, tmp_path: Pat
     default_store(tmp_path).verify()
 
 
+def test_losing_the_race_to_rebuild_a_broken_store(fake_stdlib: Path, tmp_path: Path,
+                                                   monkeypatch) -> None:
+    """Two processes find the cached store broken and both rebuild it: the one whose rename comes
+    second opens the other's, as on a first prepare, instead of failing with 'already exists'."""
+    store = default_store(tmp_path)
+    (store.path / "train.docs").write_bytes(b"")
+    real = default.prepare_default_corpus
+
+    def another_process_wins(out, **kwargs):
+        real(out, **kwargs)
+        raise OutputExistsError(f"{out}: already exists (prepared by another process?)")
+
+    monkeypatch.setattr(default, "prepare_default_corpus", another_process_wins)
+    default_store(tmp_path).verify()
+
+
 def test_cache_location(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("BIRDIE_CACHE", str(tmp_path / "env-cache"))
     assert default_store_path().parent == tmp_path / "env-cache"
