@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from objective_server.corpus import manifest as layout
 from objective_server.corpus.errors import CorpusError
 from objective_server.corpus.tokenizer import decode, encode, read_tokenizer_file
+from objective_server.corpus.tokenizer import vocab_size as vocab_size_of
 from objective_server.special_tokens import SpecialTokens
 
 _HASH_BLOCK = 8 << 20
@@ -87,7 +88,8 @@ class TokenStore:
 
     @classmethod
     def open(cls, path: str | Path) -> TokenStore:
-        """Open a prepared corpus, checking its manifest and file sizes (not contents: `verify`)."""
+        """Open a prepared corpus, checking its manifest, file sizes and tokenizer (not the token
+        files' contents: `verify`)."""
         path = Path(path)
         if not path.is_dir():
             raise CorpusError(f"{path}: no such prepared corpus folder")
@@ -118,6 +120,7 @@ class TokenStore:
             ) from None
         store = cls(path, manifest)
         store._check_files()
+        store._check_tokenizer()
         return store
 
     def _check_files(self) -> None:
@@ -138,6 +141,26 @@ class TokenStore:
                     f"{file}: {actual} bytes, the manifest implies {size} (truncated or "
                     "overwritten; prepare the corpus again)"
                 )
+
+    def _check_tokenizer(self) -> None:
+        """tokenizer.json is the one prepared with (sha256, a few ms) and agrees with the
+        manifest's vocab_size and special token ids, which batches and models are built from."""
+        file = self.path / layout.TOKENIZER_FILE
+        if _sha256_of_file(file) != self._manifest.tokenizer.sha256:
+            raise CorpusError(f"{file}: not the tokenizer this corpus was prepared with (its "
+                              "sha256 differs from the manifest's); prepare the corpus again")
+        manifest_file = self.path / layout.MANIFEST_FILE
+        n_ids = vocab_size_of(self.tokenizer)
+        if n_ids != self.vocab_size:
+            raise CorpusError(f"{manifest_file}: vocab_size {self.vocab_size}, but {file} has "
+                              f"{n_ids} ids; prepare the corpus again")
+        for token, token_id in self._manifest.special_tokens.items():
+            actual = self.tokenizer.token_to_id(token)
+            if actual != token_id:
+                raise CorpusError(
+                    f"{manifest_file}: special token {token} is id {token_id}, but {file} has "
+                    f"{'it at ' + str(actual) if actual is not None else 'no such token'}; "
+                    "prepare the corpus again")
 
     @property
     def splits(self) -> tuple[str, ...]:

@@ -152,3 +152,33 @@ def test_verify_detects_changed_bytes(store_copy: Path) -> None:
     store = TokenStore.open(store_copy)
     with pytest.raises(CorpusError, match="validation.tokens: sha256 .* differs"):
         store.verify()
+
+
+# ---- a manifest or tokenizer that no longer describes the store ----------------------------------
+
+
+def test_truncated_tokenizer_file(store_copy: Path) -> None:
+    """Caught at open (a server's start), not at the first decoded batch."""
+    path = store_copy / "tokenizer.json"
+    path.write_bytes(path.read_bytes()[:-100])
+    message = open_error(store_copy)
+    assert message.startswith(f"{path}: not the tokenizer this corpus was prepared with")
+
+
+def test_manifest_vocab_size_that_is_not_the_tokenizers(store_copy: Path) -> None:
+    """Ids up to 599 are stored: a manifest saying 200 would size a model's embedding too small."""
+    edit_manifest(store_copy, lambda m: m.update(vocab_size=200))
+    assert open_error(store_copy) == (
+        f"{store_copy / 'manifest.json'}: vocab_size 200, but {store_copy / 'tokenizer.json'} "
+        "has 600 ids; prepare the corpus again")
+
+
+def test_manifest_special_token_ids_that_are_not_the_tokenizers(store_copy: Path) -> None:
+    def swap(m: dict) -> None:
+        special = m["special_tokens"]
+        special["[EOD]"], special["[PAD]"] = special["[PAD]"], special["[EOD]"]
+
+    edit_manifest(store_copy, swap)
+    assert open_error(store_copy) == (
+        f"{store_copy / 'manifest.json'}: special token [PAD] is id 1, but "
+        f"{store_copy / 'tokenizer.json'} has it at 0; prepare the corpus again")
