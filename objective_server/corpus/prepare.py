@@ -417,20 +417,24 @@ def _remove_tree(path: Path) -> None:
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     displaced: Path | None = None
-    if overwrite and out.exists():
-        displaced = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, displaced / "prepared")
     try:
-        # rename fails when `out` exists and is not empty: another process finished first.
-        os.rename(tmp, out)
-    except OSError:
-        if displaced is not None and not out.exists():
-            os.replace(displaced / "prepared", out)  # put the old one back
-        if out.exists():
-            raise OutputExistsError(
-                f"{out}: already exists (prepared by another process?)"
-            ) from None
-        raise
+        if overwrite and out.exists():
+            displaced = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, displaced / "prepared")
+        try:
+            # rename fails when `out` exists and is not empty: another process finished first.
+            os.rename(tmp, out)
+        except OSError as e:
+            kept = ""
+            if displaced is not None and not os.path.lexists(out):
+                os.replace(displaced / "prepared", out)  # put the old one back
+                kept = "; the one there is kept"
+            elif out.exists():
+                raise OutputExistsError(
+                    f"{out}: already exists (prepared by another process?)"
+                ) from None
+            raise CorpusError(f"{out}: cannot move the prepared corpus into place "
+                              f"({e.strerror or e}){kept}") from None
     finally:
         if displaced is not None:
             _remove_tree(displaced)

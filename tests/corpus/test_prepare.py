@@ -453,3 +453,22 @@ def test_a_given_tokenizer_that_cannot_encode_a_document(tmp_path: Path) -> None
     assert str(info.value) == ("the tokenizer cannot encode the document 'alpha delta gamma' "
                                "(WordLevel error: Missing [UNK] token from the vocabulary)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["given.json"]
+
+
+def test_a_failing_final_rename_keeps_the_old_store_and_says_why(tmp_path: Path, monkeypatch) -> None:
+    """Not 'already exists (prepared by another process?)' because the old store was put back."""
+    out = tmp_path / "out"
+    prepare_corpus(ListSource(english_documents(20)), out, vocab_size=SMALL_VOCAB)
+    before = file_hashes(out)
+
+    def rename(src, dst):
+        raise OSError(18, "Invalid cross-device link", str(src), None, str(dst))
+
+    monkeypatch.setattr(prepare_module.os, "rename", rename)
+    with pytest.raises(CorpusError) as info:
+        prepare_corpus(ListSource(english_documents(30)), out, vocab_size=SMALL_VOCAB,
+                       overwrite=True)
+    assert str(info.value) == (f"{out}: cannot move the prepared corpus into place (Invalid "
+                               "cross-device link); the one there is kept")
+    assert file_hashes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
