@@ -273,28 +273,44 @@ def batch(
     out.print(batch_summary(wire))
     for e in examples or ():
         out.print(Text(f"row {e.get('row')}, offset {e.get('offset')}: {e.get('objective')}", style="bold"))
-        out.print(Panel(decoded_text(e.get("input", ""), max_chars), border_style="cyan", title_align="left",
-                        title=f"input, read bidirectionally ({tokens(e.get('input_tokens'))})"))
-        out.print(Panel(decoded_text(e.get("label", ""), max_chars), border_style="green", title_align="left",
-                        title=f"label, generated causally ({tokens(e.get('label_tokens'))})"))
+        for panel in example_panels(e, max_chars):
+            out.print(panel)
 
 
-def tokens(count: int | None) -> str:
-    return "? tokens" if count is None else f"{count} token{'' if count == 1 else 's'}"
+def plural(count: int | None, noun: str) -> str:
+    return f"{'?' if count is None else count} {noun}{'' if count == 1 else 's'}"
 
 
-def decoded_text(text: str, max_chars: int) -> Text:
-    """Decoded text as a rich Text (not markup: "[COPY]" is a token), special tokens styled, the
-    middle of a text longer than max_chars (0: no limit) left out and said so."""
+def example_panels(example: dict, max_chars: int, heading: str = "") -> list[Panel]:
+    """The input panel (the bidirectional prefix, its title after `heading`) and the label panel
+    (the causal suffix) of a decoded example; its "input_special" / "label_special" character
+    spans, where given, say exactly where the special tokens are."""
+    return [
+        Panel(decoded_text(example.get(part, ""), max_chars, example.get(f"{part}_special")), border_style=style,
+              title_align="left", title=f"{title} ({plural(example.get(f'{part}_tokens'), 'token')})")
+        for part, title, style in (("input", f"{heading}input, read bidirectionally", "cyan"),
+                                   ("label", "label, generated causally", "green"))
+    ]
+
+
+def decoded_text(text: str, max_chars: int, special: list[tuple[int, int]] | None = None) -> Text:
+    """Decoded text as a rich Text (not markup: "[COPY]" is a token) with its special tokens styled
+    (the [start, end) spans given, else whatever looks like one), the middle of a text longer than
+    max_chars (0: no limit) left out and said so."""
+    out = Text(text)
+    if special is None:
+        out.highlight_regex(SPECIAL_PATTERN, "bold yellow")
+        out.highlight_regex(SENTINEL_PATTERN, "bold magenta")
+    for start, end in special or ():
+        sentinel = re.fullmatch(SENTINEL_PATTERN, text[start:end]) is not None
+        out.stylize("bold magenta" if sentinel else "bold yellow", start, end)
     if max_chars and len(text) > max_chars:
         half = max_chars // 2
-        out = Text(text[:half])
-        out.append(f" … {len(text) - 2 * half:,} characters not shown … ", style="dim italic")
-        out.append(text[-half:])
-    else:
-        out = Text(text)
-    out.highlight_regex(SPECIAL_PATTERN, "bold yellow")
-    out.highlight_regex(SENTINEL_PATTERN, "bold magenta")
+        shortened = out[:half]
+        # No brackets: in decoded text, brackets are special tokens.
+        shortened.append(f" … {len(text) - 2 * half:,} characters not shown … ", style="dim italic")
+        shortened.append_text(out[len(text) - half:])
+        out = shortened
     return out
 
 

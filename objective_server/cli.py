@@ -138,6 +138,7 @@ def objectives_list(preset_name: str, seq_len: int, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from clients.cli import plural
     from objective_server.objectives.presets import preset
 
     try:
@@ -148,7 +149,7 @@ def objectives_list(preset_name: str, seq_len: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"preset {preset_name}: {_count(len(rows), 'configuration')}, L = {seq_len}")
+    table = Table(title=f"preset {preset_name}: {plural(len(rows), 'configuration')}, L = {seq_len}")
     table.add_column("configuration", no_wrap=True)  # names differ only at their end: never cut them
     table.add_column("family")
     table.add_column("initial p", justify="right")
@@ -181,9 +182,9 @@ def objectives_show(name: str, count: int, corpus: str | None, seq_len: int, see
     import json
 
     from rich.console import Console
-    from rich.panel import Panel
     from rich.text import Text
 
+    from clients.cli import example_panels
     from objective_server.batching import validation_batch
     from objective_server.inspection import decoded_examples
     from objective_server.objectives import parse_objective
@@ -214,36 +215,8 @@ def objectives_show(name: str, count: int, corpus: str | None, seq_len: int, see
     params = "  ".join(f"{k}={v}" for k, v in objective.params().items() if k != "family")
     console.print(Text(f"{objective.name}  family {objective.family}  {params}", style="bold"))
     for i, ex in enumerate(examples):
-        console.print(Panel(_decoded_text(ex["input"], ex["input_special"], max_chars), border_style="cyan",
-                            title_align="left",
-                            title=f"example {i}: input, read bidirectionally ({_count(ex['input_tokens'], 'token')})"))
-        console.print(Panel(_decoded_text(ex["label"], ex["label_special"], max_chars), border_style="green",
-                            title_align="left",
-                            title=f"label, generated causally ({_count(ex['label_tokens'], 'token')})"))
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _decoded_text(text: str, special: list[tuple[int, int]], max_chars: int):
-    """Decoded text as a rich Text (not markup: "[m0]" and "[GEN]" are tokens), its special tokens
-    (character spans) styled, the middle of a text longer than max_chars (0: no limit) left out and
-    said so."""
-    from rich.text import Text
-
-    out = Text(text)
-    for start, end in special:
-        sentinel = text[start + 1:start + 2] == "m"  # [m0], [m1], ...: span-corruption sentinels
-        out.stylize("bold magenta" if sentinel else "bold yellow", start, end)
-    if max_chars and len(text) > max_chars:
-        half = max_chars // 2
-        shortened = out[:half]
-        # No brackets: in decoded text, brackets are special tokens.
-        shortened.append(f" … {len(text) - 2 * half:,} characters not shown … ", style="dim italic")
-        shortened.append_text(out[len(text) - half:])
-        out = shortened
-    return out
+        for panel in example_panels(ex, max_chars, heading=f"example {i}: "):
+            console.print(panel)
 
 
 def _open_corpus(path: str | None):
