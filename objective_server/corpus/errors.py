@@ -9,3 +9,8 @@ class CorpusError(Exception):
 
 class OutputExistsError(CorpusError):
     """The output directory of a prepare already exists (or appeared while preparing)."""
+
+
+def reason(e: BaseException) -> str:
+    """An OS error's own words ("No such file or directory"), else the error's text or type."""
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__

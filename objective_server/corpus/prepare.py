@@ -39,7 +39,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from objective_server.corpus import manifest as layout
-from objective_server.corpus.errors import CorpusError, OutputExistsError
+from objective_server.corpus.errors import CorpusError, OutputExistsError, reason
 from objective_server.corpus.readers import DocumentSource, FileSource
 from objective_server.corpus.tokenizer import (
     add_special_tokens,
@@ -408,7 +408,7 @@ def _check_out(out: Path, overwrite: bool, source: DocumentSource) -> None:
 
 def _write_error(e: OSError, out: Path) -> CorpusError:
     where = e.filename if e.filename is not None else out
-    return CorpusError(f"{where}: cannot write ({e.strerror or e})")
+    return CorpusError(f"{where}: cannot write ({reason(e)})")
 
 
 def _remove_tree(path: Path) -> None:
@@ -434,7 +434,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
                     f"{out}: already exists (prepared by another process?)"
                 ) from None
             raise CorpusError(f"{out}: cannot move the prepared corpus into place "
-                              f"({e.strerror or e}){kept}") from None
+                              f"({reason(e)}){kept}") from None
     finally:
         if displaced is not None:
             _remove_tree(displaced)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from objective_server.corpus import manifest as layout
-from objective_server.corpus.errors import CorpusError
+from objective_server.corpus.errors import CorpusError, reason
 
 # Buffer size of the line readers and rows per Parquet batch: memory use is bounded by these
 # (plus the longest document), not by file size.
@@ -128,7 +128,7 @@ def _check_each_file_once(files: Sequence[Path]) -> None:
         try:
             st = f.stat()
         except OSError as e:
-            raise CorpusError(f"{f}: cannot read ({_reason(e)})") from None
+            raise CorpusError(f"{f}: cannot read ({reason(e)})") from None
         first = seen.setdefault((st.st_dev, st.st_ino), f)
         if first is not f:
             raise CorpusError(f"{f}: the same file as {first}; give each input once (read twice, "
@@ -162,11 +162,7 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
                     line = line[:-2] + "\n"
                 yield lineno, line
     except (OSError, EOFError, zlib.error) as e:  # zlib.error: corrupted compressed data
-        raise CorpusError(f"{path}: cannot read ({_reason(e)})") from None
-
-
-def _reason(e: BaseException) -> str:
-    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise CorpusError(f"{path}: cannot read ({reason(e)})") from None
 
 
 def read_text(path: Path, *, one_document: bool = False) -> Iterator[str]:
@@ -344,4 +340,4 @@ def _size(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError as e:
-        raise CorpusError(f"{path}: cannot read ({_reason(e)})") from None
+        raise CorpusError(f"{path}: cannot read ({reason(e)})") from None
